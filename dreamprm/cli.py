@@ -1,0 +1,30 @@
+"""Entry-point glue shared by launch/ scripts: parse, build, run, close; user errors as one message."""
+from __future__ import annotations
+
+import sys
+
+from dreamprm.config import ConfigError, parse_args
+from dreamprm.data.records import DataValidationError
+
+EXIT_USER_ERROR = 2
+
+
+def run_training(argv: list[str]) -> int:
+    config = parse_args(argv)
+    from dreamprm.distributed.engine import init_distributed, shutdown
+    from dreamprm.trainer import Trainer, TrainingAborted
+
+    info = init_distributed(config.run.device)
+    code = 0
+    try:
+        code = Trainer(config, info).train()
+    except (ConfigError, DataValidationError, FileNotFoundError) as err:
+        if info.rank == 0:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        code = EXIT_USER_ERROR
+    except TrainingAborted as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        code = 1
+    finally:
+        shutdown(clean=code in (0, 75, EXIT_USER_ERROR))
+    return code

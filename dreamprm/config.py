@@ -1,0 +1,245 @@
+"""Typed configuration for every entry point: sections as dataclasses, flat command-line flags.
+
+The original DreamPRM's flags keep their names and types (``--gradiant_accumulation`` with its
+spelling, ``--gradient_accumulation`` accepted too). Defaults point at the bundled demo and the tiny
+offline model so that ``deepspeed launch/train.py`` with no flags runs out of the box. Each field's
+help text is its documentation; ``--help`` prints all of them. This module imports the standard
+library only.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEMO_DIR = REPO_ROOT / "data" / "demo"
+TINY_MODEL = "tiny"  # --reward_model value that builds the offline tiny Qwen2-VL on first use
+
+HYPERGRAD_METHODS = ("exact", "fd", "fd_bf16_naive")
+AGGREGATIONS = ("mean_logit", "mean", "min", "max", "product", "last")
+
+
+class ConfigError(ValueError):
+    """A flag or a DeepSpeed config value is invalid; the message names the flag or the file and key."""
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class DataConfig:
+    train_json_file: str = _f(str(DEMO_DIR / "train.json"), "training records (lower level), JSON list or JSONL")
+    meta_json_file: str = _f(str(DEMO_DIR / "meta.json"), "meta records (upper level), JSON list or JSONL")
+    image_root: str | None = _f(None, "folder image paths are relative to (default: each JSON file's folder)")
+    max_image_side: int = _f(512, "longest image side in pixels; larger images are downscaled")
+    num_workers: int = _f(0, "data-loader worker processes per rank")
+
+
+@dataclass
+class ModelConfig:
+    reward_model: str = _f(TINY_MODEL, "Qwen2-VL directory or hub-style name in the local cache; "
+                           f"'{TINY_MODEL}' builds the offline tiny model")
+    head: str = _f("logits", "score head: 'logits' (the original's Linear(vocab,1)) or 'hidden' (Linear(hidden,1))",
+                   choices=("logits", "hidden"))
+    trust_remote_code: bool = _f(False, "allow model code from the model directory (off unless asked for)")
+    gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass to save memory")
+
+
+@dataclass
+class OptimConfig:
+    batch_size: int = _f(1, "micro-batch size per rank (training records)")
+    gradiant_accumulation: int = _f(1, "micro-batches per optimiser step (the original's spelling; "
+                                    "--gradient_accumulation works too)")
+    lr: float = _f(5e-7, "PRM learning rate (AdamW)")
+    weight_decay: float = _f(1e-3, "PRM weight decay")
+    scheduler_step_size: int = _f(5000, "StepLR: decay the PRM learning rate every N optimiser steps")
+    scheduler_gamma: float = _f(0.5, "StepLR: decay factor")
+    precision: str = _f("bf16", "parameter/compute precision of the PRM engine", choices=("bf16", "fp16", "fp32"))
+
+
+@dataclass
+class BilevelConfig:
+    baseline: bool = _f(False, "train a vanilla PRM: uniform domain weights, no upper level")
+    meta_lr: float = _f(0.01, "domain-weight learning rate (AdamW)")
+    meta_weight_decay: float = _f(0.0, "domain-weight weight decay")
+    unroll_steps: int = _f(5, "lower-level optimiser steps per segment (one upper step after each)")
+    meta_batch_size: int = _f(1, "meta chains per rank in each upper step")
+    aggregation: str = _f("mean_logit", "step scores -> chain score for the meta loss", choices=AGGREGATIONS)
+    hypergrad: str = _f("exact", "hypergradient estimator: 'exact' (per-domain inner products, ε-free), "
+                        "'fd' (central difference on fp32 parameters), 'fd_bf16_naive' (the original's)",
+                        choices=HYPERGRAD_METHODS)
+    fd_radius: float = _f(0.01, "finite difference: ε = fd_radius / ||v||")
+    weight_check_every: int = _f(10, "check every N upper steps that all ranks hold identical domain weights")
+
+
+@dataclass
+class RunConfig:
+    weights_path: str | None = _f(None, "output folder: checkpoints, TensorBoard (tb/), exports (default runs/<timestamp>)")
+    deepspeed: str = _f(str(REPO_ROOT / "ds_configs" / "zero3.json"), "DeepSpeed JSON config")
+    iteration_num: int = _f(400, "lower-level optimiser steps in total (demo-sized default)")
+    max_epoch: int = _f(120, "stop after this many passes over the training records")
+    device: str = _f("auto", "'auto', 'cuda' or 'cpu'")
+    seed: int = _f(1, "random seed (data order, initialisation of the head)")
+    local_rank: int = _f(-1, "set by the deepspeed launcher; ranks otherwise come from the environment")
+    save_every_iterations: int = _f(1000, "checkpoint every N lower-level steps (and at the end)")
+    resume: str | None = _f(None, "'auto' (newest complete checkpoint in --weights_path, if any) or a checkpoint folder")
+    log_every: int = _f(10, "log scalars every N lower-level steps")
+    max_bad_steps: int = _f(5, "stop after this many consecutive non-finite losses or hypergradients")
+    export: bool = _f(True, "export the trained PRM in Hugging Face form at the end")
+
+
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "bilevel": BilevelConfig, "run": RunConfig}
+FLAG_ALIASES = {"gradiant_accumulation": ["--gradient_accumulation"]}
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    bilevel: BilevelConfig = field(default_factory=BilevelConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    explicit_flags: frozenset[str] = frozenset()  # flags the user typed, for DeepSpeed "auto" conflicts
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+
+    def validate(self) -> "TrainConfig":
+        positive = {"batch_size": self.optim.batch_size, "gradiant_accumulation": self.optim.gradiant_accumulation,
+                    "unroll_steps": self.bilevel.unroll_steps, "meta_batch_size": self.bilevel.meta_batch_size,
+                    "iteration_num": self.run.iteration_num, "max_epoch": self.run.max_epoch,
+                    "save_every_iterations": self.run.save_every_iterations, "log_every": self.run.log_every,
+                    "scheduler_step_size": self.optim.scheduler_step_size, "max_image_side": self.data.max_image_side,
+                    "weight_check_every": self.bilevel.weight_check_every, "max_bad_steps": self.run.max_bad_steps}
+        for name, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"--{name}: must be >= 1, got {value}")
+        for name, value in {"lr": self.optim.lr, "meta_lr": self.bilevel.meta_lr, "fd_radius": self.bilevel.fd_radius}.items():
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"--{name}: must be a positive number, got {value}")
+        if self.data.num_workers < 0:
+            raise ConfigError(f"--num_workers: must be >= 0, got {self.data.num_workers}")
+        if self.run.device not in ("auto", "cuda", "cpu") and not self.run.device.startswith("cuda:"):
+            raise ConfigError(f"--device: must be 'auto', 'cuda' or 'cpu', got {self.run.device!r}")
+        return self
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="launch/train.py", description="DreamPRM-DS: bi-level domain-reweighted PRM training on DeepSpeed.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for section, cls in SECTIONS.items():
+        group = parser.add_argument_group(section)
+        for f in dataclasses.fields(cls):
+            flags = [f"--{f.name}"] + FLAG_ALIASES.get(f.name, [])
+            kwargs: dict[str, Any] = {"dest": f.name, "help": f.metadata["help"], "default": f.default}
+            if f.type in ("bool", bool):
+                kwargs["action"] = argparse.BooleanOptionalAction
+            else:
+                kwargs["type"] = _PARSERS.get(str(f.type), str)
+                if "choices" in f.metadata:
+                    kwargs["choices"] = f.metadata["choices"]
+            group.add_argument(*flags, **kwargs)
+    return parser
+
+
+_PARSERS = {"int": int, "float": float, "str": str, "str | None": str}
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """Flags -> validated config. Unknown flags are an error (argparse exits 2 naming them)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # Which flags were typed: parse again with every default suppressed.
+    typed = argparse.ArgumentParser(add_help=False)
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            typed.add_argument(*action.option_strings, dest=action.dest, default=argparse.SUPPRESS,
+                               **({"action": argparse.BooleanOptionalAction}
+                                  if isinstance(action, argparse.BooleanOptionalAction) else {"type": str}))
+    explicit = frozenset(vars(typed.parse_known_args(argv)[0]))
+    values = vars(args)
+    config = TrainConfig(**{name: cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)})
+                            for name, cls in SECTIONS.items()}, explicit_flags=explicit)
+    try:
+        return config.validate()
+    except ConfigError as err:
+        parser.error(str(err))
+        raise  # unreachable: parser.error exits
+
+
+def load_ds_config(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except OSError as err:
+        raise ConfigError(f"--deepspeed {path}: cannot be read ({err})") from err
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: invalid JSON ({err.msg} at line {err.lineno} column {err.colno})") from err
+
+
+def resolve_ds_config(ds: dict[str, Any], config: TrainConfig, *, world_size: int, on_gpu: bool,
+                      source: str = "DeepSpeed config") -> dict[str, Any]:
+    """Fill the "auto" values of a DeepSpeed config from the flags; a real conflict is an error.
+
+    A concrete JSON value wins over a flag the user did not type (the flag's value is updated to
+    match); a typed flag that disagrees with a concrete JSON value is a conflict.
+    """
+    ds = json.loads(json.dumps(ds))  # deep copy
+    o = config.optim
+
+    def settle(keys: tuple[str, ...], flag: str | None, value: Any, apply: Any = None) -> Any:
+        node = ds
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        current = node.get(keys[-1], "auto")
+        dotted = ".".join(keys)
+        if current == "auto":
+            node[keys[-1]] = value
+            return value
+        if flag and flag in config.explicit_flags and current != value:
+            raise ConfigError(f"--{flag} {value} conflicts with {dotted}={current!r} in {source}; "
+                              f"change one of them or set {dotted} to \"auto\"")
+        if apply is not None:
+            apply(current)
+        return current
+
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{source}: zero_optimization.stage: must be 0, 1, 2 or 3, got {stage!r}")
+    micro = settle(("train_micro_batch_size_per_gpu",), "batch_size", o.batch_size,
+                   lambda v: setattr(o, "batch_size", int(v)))
+    gas = settle(("gradient_accumulation_steps",), "gradiant_accumulation", o.gradiant_accumulation,
+                 lambda v: setattr(o, "gradiant_accumulation", int(v)))
+    total = micro * gas * world_size
+    if ds.get("train_batch_size", "auto") not in ("auto", total):
+        raise ConfigError(f"{source}: train_batch_size={ds['train_batch_size']} conflicts with "
+                          f"train_micro_batch_size_per_gpu ({micro}) x gradient_accumulation_steps ({gas}) "
+                          f"x world size ({world_size}) = {total}")
+    ds["train_batch_size"] = total
+    for name, flag_value in (("bf16", o.precision == "bf16"), ("fp16", o.precision == "fp16")):
+        enabled = settle((name, "enabled"), None, flag_value)
+        if enabled != flag_value and "precision" in config.explicit_flags:
+            raise ConfigError(f"--precision {o.precision} conflicts with {name}.enabled={enabled} in {source}")
+        if enabled and not flag_value:
+            o.precision = name
+    if ds.get("bf16", {}).get("enabled") and ds.get("fp16", {}).get("enabled"):
+        raise ConfigError(f"{source}: bf16.enabled and fp16.enabled are both true")
+    if "optimizer" in ds:
+        params = ds["optimizer"].setdefault("params", {})
+        settle(("optimizer", "params", "lr"), "lr", o.lr, lambda v: setattr(o, "lr", float(v)))
+        settle(("optimizer", "params", "weight_decay"), "weight_decay", o.weight_decay,
+               lambda v: setattr(o, "weight_decay", float(v)))
+        if params.get("torch_adam") == "auto":
+            # FusedAdam JIT-compiles (~45 s) and needs CUDA; torch's AdamW is the CPU choice.
+            params["torch_adam"] = not on_gpu
+    if ds.get("gradient_clipping") == "auto":
+        ds["gradient_clipping"] = 1.0
+    ds.setdefault("steps_per_print", 10**9)
+    return ds

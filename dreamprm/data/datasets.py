@@ -1,0 +1,111 @@
+"""CPU-only datasets and the collator that turns records into model batches.
+
+Datasets load images and return plain Python objects; the collator runs the processor and builds
+tensors. Nothing here touches a device: the trainer moves batches in one place.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from dreamprm.data.records import MetaRecord, TrainRecord, load_image
+
+
+class TrainDataset(Dataset):
+    """One item per training record: (image, text, domain index, accuracy)."""
+
+    def __init__(self, records: list[TrainRecord], domains: dict[str, int], max_image_side: int = 512):
+        self.records = records
+        self.domains = domains
+        self.max_image_side = max_image_side
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        r = self.records[index]
+        return {"image": load_image(r.image_path, self.max_image_side), "texts": [r.text],
+                "domain": self.domains[r.domain], "target": r.accuracy}
+
+    def lengths(self) -> list[int]:
+        """A cheap length proxy (characters) for length grouping."""
+        return [len(r.text) for r in self.records]
+
+
+class MetaDataset(Dataset):
+    """One item per meta chain: (image, all its step prefixes, correctness label)."""
+
+    def __init__(self, records: list[MetaRecord], max_image_side: int = 512):
+        self.records = records
+        self.max_image_side = max_image_side
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        r = self.records[index]
+        return {"image": load_image(r.image_path, self.max_image_side), "texts": list(r.prefixes),
+                "domain": -1, "target": r.label}
+
+    def lengths(self) -> list[int]:
+        return [sum(len(p) for p in r.prefixes) for r in self.records]
+
+
+def score_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last real token of every row, whichever side the padding is on."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (attention_mask.long() * (positions + 1)).argmax(dim=1)
+
+
+@dataclass
+class PRMCollator:
+    """Builds one model batch from items; every text of an item is scored with the item's image.
+
+    The output has the processor's tensors plus ``score_index`` [rows], ``item_index`` [rows]
+    (which item a row belongs to: the chain, for meta batches), ``domain`` [items] and
+    ``target`` [items].
+    """
+
+    processor: Any
+
+    def chat_text(self, text: str) -> str:
+        # The image and the text in one user turn, with the generation prompt: the score is read at
+        # the last token, where the assistant's answer would begin.
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+        return self.processor.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        texts, images, item_index = [], [], []
+        for i, item in enumerate(items):
+            for text in item["texts"]:
+                texts.append(self.chat_text(text))
+                images.append(item["image"])
+                item_index.append(i)
+        batch = dict(self.processor(text=texts, images=images, padding=True, return_tensors="pt"))
+        batch["score_index"] = score_positions(batch["attention_mask"])
+        batch["item_index"] = torch.tensor(item_index, dtype=torch.long)
+        batch["domain"] = torch.tensor([item["domain"] for item in items], dtype=torch.long)
+        batch["target"] = torch.tensor([item["target"] for item in items], dtype=torch.float32)
+        return batch
+
+
+def select_rows(batch: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The sub-batch of the given rows of a training batch (one image per row, one item per row).
+
+    ``pixel_values`` holds every image's patches back to back; ``image_grid_thw`` says how many
+    each image has, which locates a row's patches.
+    """
+    rows = rows.to(torch.long).cpu()
+    out = {k: v[rows] for k, v in batch.items()
+           if k not in ("pixel_values", "image_grid_thw", "item_index", "domain", "target")}
+    patches = batch["image_grid_thw"].prod(dim=-1)
+    starts = torch.cumsum(patches, 0) - patches
+    out["pixel_values"] = torch.cat([batch["pixel_values"][starts[r]:starts[r] + patches[r]] for r in rows.tolist()])
+    out["image_grid_thw"] = batch["image_grid_thw"][rows]
+    out["item_index"] = torch.arange(rows.numel())
+    out["domain"] = batch["domain"][rows]
+    out["target"] = batch["target"][rows]
+    return out

@@ -1,0 +1,369 @@
+"""The one place that imports DeepSpeed: process group, engine construction, parameter shards.
+
+Everything above this module talks to `DistributedEngine`, never to deepspeed or
+torch.distributed directly. Parameter-space operations of the upper level (meta-gradient copies,
+norms, inner products, perturb-and-restore) work on each rank's *own* elements only and combine
+the results with all-reduces of a few floats:
+
+- ZeRO-3: a rank owns its flat partition ``param.ds_tensor`` (sliced to the real element count:
+  the last rank's partition carries padding). Edits to the partition become visible to the next
+  forward only after the gathered-parameter cache is emptied; small "persistent" parameters that
+  ZeRO-3 keeps gathered on every rank are re-gathered explicitly.
+- ZeRO-0/1/2: parameters are whole on every rank; a rank owns a contiguous slice of each flattened
+  parameter for reductions, and edits are applied to the whole tensor on every rank alike.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
+
+import warnings  # noqa: E402
+
+# DeepSpeed calls torch.distributed APIs that torch 2.13 marks deprecated, once per collective.
+warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+
+import deepspeed  # noqa: E402
+from deepspeed.accelerator import get_accelerator  # noqa: E402
+from deepspeed.utils import safe_get_full_grad, safe_get_local_fp32_param, safe_get_local_grad  # noqa: E402
+
+
+def _skip_cpu_shm_comm_op() -> None:
+    # DeepSpeed's CPU backend JIT-builds a shared-memory all-reduce op at every start (25-48 s on
+    # 2 cores). gloo is fast enough for CPU runs, so the op is marked unavailable.
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+
+def init_distributed(device: str = "auto", timeout_s: int = 600) -> DistInfo:
+    """Join (or create) the process group from the launcher's environment.
+
+    Works under `deepspeed`, `torchrun`, `srun` (RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* exported by
+    the job script), `mpirun` (ranks discovered through mpi4py) and plain `python` (one rank).
+    """
+    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    if use_cuda and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was given but no CUDA device is available")
+    if not use_cuda:
+        _skip_cpu_shm_comm_op()
+    single = not any(k in os.environ for k in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "WORLD_SIZE"))
+    if single:
+        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"})
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=True,
+                                   verbose=False, timeout=datetime.timedelta(seconds=timeout_s))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK", rank)))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+        _share_cpu_threads()
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
+
+
+def _share_cpu_threads() -> None:
+    # Each CPU rank would start one thread per core; with several ranks per machine they fight for
+    # the cores (measured: 2 ranks on 2 cores ran 5x slower). Split the cores unless told otherwise.
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE",
+                      os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", "1"))).split("(")[0])
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local_world, 1)))
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def partitioned_construction(ds_config: dict[str, Any]) -> Iterator[None]:
+    """While open, Hugging Face `from_pretrained` partitions ZeRO-3 weights as it loads them.
+
+    The `HfDeepSpeedConfig` object must stay alive until the model is built (transformers holds a
+    weak reference to it); outside ZeRO-3 this does nothing.
+    """
+    if ds_config.get("zero_optimization", {}).get("stage", 0) != 3:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+    keep_alive = HfDeepSpeedConfig(ds_config)
+    try:
+        yield
+    finally:
+        del keep_alive
+
+
+@dataclass
+class _Owned:
+    """One trainable parameter's elements owned by this rank."""
+    param: nn.Parameter
+    lo: int  # owned range in the flattened parameter (ZeRO-0/1/2) or in ds_tensor (ZeRO-3)
+    hi: int
+
+
+class DistributedEngine:
+    """Wraps a DeepSpeed engine with what the bi-level trainer needs and nothing else."""
+
+    def __init__(self, model: nn.Module, ds_config: dict[str, Any], info: DistInfo,
+                 lr_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None):
+        self.info = info
+        self.ds_config = ds_config
+        self.stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        self.module_engine, self.optimizer, _, self.lr_scheduler = deepspeed.initialize(
+            model=model, model_parameters=trainable, config=ds_config, lr_scheduler=lr_scheduler)
+        self._owned = [self._owned_range(p) for p in self.module.parameters() if p.requires_grad]
+
+    # ----- basics
+    @property
+    def module(self) -> nn.Module:
+        return self.module_engine.module
+
+    @property
+    def is_main(self) -> bool:
+        return self.info.rank == 0
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        if self.module_engine.bfloat16_enabled():
+            return torch.bfloat16
+        return torch.float16 if self.module_engine.fp16_enabled() else torch.float32
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.module_engine(**batch)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.module_engine.backward(loss)
+
+    def step(self) -> None:
+        self.module_engine.step()
+
+    def skip_step(self) -> None:
+        """End an accumulation window without updating: drop the gradients, keep the counters aligned."""
+        self.drop_gradients()
+        self.module_engine.micro_steps += 1
+
+    def is_accumulation_boundary(self) -> bool:
+        return self.module_engine.is_gradient_accumulation_boundary()
+
+    def learning_rate(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The one place batches move to the device; floating inputs take the compute dtype."""
+        out = {}
+        for k, v in batch.items():
+            v = v.to(self.info.device, non_blocking=True)
+            out[k] = v.to(self.compute_dtype) if v.is_floating_point() and k == "pixel_values" else v
+        return out
+
+    # ----- collectives on small tensors
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.info.world_size > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.info.world_size > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return tensor
+
+    def barrier(self) -> None:
+        if self.info.world_size > 1:
+            dist.barrier()
+
+    # ----- parameter shards
+    def _owned_range(self, p: nn.Parameter) -> _Owned:
+        if self.stage == 3:
+            size = p.ds_tensor.ds_numel
+            real = max(0, min(size, p.ds_numel - self.info.rank * size))
+            return _Owned(p, 0, real)
+        n, w, r = p.numel(), self.info.world_size, self.info.rank
+        return _Owned(p, n * r // w, n * (r + 1) // w)
+
+    def owned_gradients(self) -> list[torch.Tensor]:
+        """fp32 copies of this rank's elements of the current gradient (after backward, before step)."""
+        out = []
+        for o in self._owned:
+            if self.stage == 3:
+                grad = safe_get_local_grad(o.param)
+                grad = torch.zeros(o.hi - o.lo) if grad is None else grad.reshape(-1)[o.lo:o.hi]
+            else:
+                grad = safe_get_full_grad(o.param)
+                grad = torch.zeros(o.hi - o.lo) if grad is None else grad.reshape(-1)[o.lo:o.hi]
+            out.append(grad.detach().float().clone())
+        return out
+
+    def full_gradients_for_edit(self, owned: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Direction vectors in the layout `perturb` edits: owned elements (ZeRO-3) or whole tensors."""
+        if self.stage == 3 or self.info.world_size == 1:
+            return owned
+        full = []
+        for o, piece in zip(self._owned, owned):
+            gathered = [torch.empty(0)] * self.info.world_size
+            dist.all_gather_object(gathered, piece.cpu())
+            full.append(torch.cat(gathered).to(piece.device))
+        return full
+
+    def drop_gradients(self) -> None:
+        """Forget the gradients of a backward pass that is not followed by a step."""
+        self.module_engine.optimizer.zero_grad()
+
+    def backward_without_step(self, loss: torch.Tensor) -> list[torch.Tensor]:
+        """Gradient of `loss` (averaged over ranks, not scaled for accumulation), owned elements, fp32.
+
+        The engine's gradients are dropped afterwards, so the optimiser never sees them.
+        """
+        engine = self.module_engine
+        engine.set_gradient_accumulation_boundary(True)
+        try:
+            engine.backward(loss, scale_wrt_gas=False)
+            if self.module_engine.fp16_enabled():
+                scale = float(self.module_engine.optimizer.loss_scale)
+            else:
+                scale = 1.0
+            grads = self.owned_gradients()
+            if scale != 1.0:
+                grads = [g / scale for g in grads]
+        finally:
+            self.drop_gradients()
+            engine.set_gradient_accumulation_boundary(None)
+        return grads
+
+    def global_dot(self, a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
+        local = sum((x.double() * y.double()).sum() for x, y in zip(a, b)) if a else torch.zeros((), dtype=torch.float64)
+        return self.all_reduce_sum(torch.as_tensor(local, dtype=torch.float64).reshape(1).to(self.info.device)).cpu()[0]
+
+    def global_dots(self, vectors: list[list[torch.Tensor]], v: list[torch.Tensor]) -> torch.Tensor:
+        """[⟨vectors_k, v⟩ for k] with one all-reduce."""
+        local = torch.stack([sum(((x.double() * y.double()).sum() for x, y in zip(vec, v)),
+                                 torch.zeros((), dtype=torch.float64)) for vec in vectors])
+        return self.all_reduce_sum(local.to(self.info.device)).cpu()
+
+    def master_params_snapshot(self) -> list[torch.Tensor]:
+        """Copies of the parameter storage that `perturb` edits, for an exact restore."""
+        return [self._editable(o).clone() for o in self._owned]
+
+    def _editable(self, o: _Owned) -> torch.Tensor:
+        if self.stage == 3:
+            return o.param.ds_tensor.data.view(-1)[: o.hi]
+        return o.param.data.view(-1)
+
+    def perturb(self, snapshot: list[torch.Tensor], direction: list[torch.Tensor], alpha: float,
+                *, compute_dtype_rounding: bool = True) -> None:
+        """Set parameters to ``snapshot + alpha * direction`` (ZeRO-3: owned elements; else whole).
+
+        The sum is formed in fp32 and stored in the parameter dtype: with bf16 parameters this is
+        the original's rounding-prone perturbation.
+        """
+        for o, base, d in zip(self._owned, snapshot, direction):
+            target = self._editable(o)
+            target.copy_((base.float() + alpha * d.to(base.device)).to(target.dtype))
+        self._after_edit()
+
+    def restore(self, snapshot: list[torch.Tensor]) -> None:
+        for o, base in zip(self._owned, snapshot):
+            self._editable(o).copy_(base)
+        self._after_edit()
+
+    def _after_edit(self) -> None:
+        if self.stage != 3:
+            return
+        # Cached gathered parameters would hide the edit from the next forward.
+        self.module_engine.empty_partition_cache()
+        for o in self._owned:
+            p = o.param
+            if getattr(p, "ds_persist", False) and p.data.numel() == p.ds_numel:
+                full = torch.empty(p.ds_tensor.ds_numel * self.info.world_size, dtype=p.ds_tensor.dtype,
+                                   device=p.ds_tensor.device)
+                if self.info.world_size > 1:
+                    dist.all_gather_into_tensor(full, p.ds_tensor.data)
+                else:
+                    full.copy_(p.ds_tensor.data)
+                p.data.copy_(full[: p.ds_numel].view_as(p.data))
+
+    def fp32_master_params(self) -> list[torch.Tensor] | None:
+        """This rank's owned fp32 master elements (ZeRO-3 with a mixed-precision optimiser), else None."""
+        if self.stage != 3 or self.compute_dtype == torch.float32:
+            return None
+        return [safe_get_local_fp32_param(o.param).reshape(-1)[o.lo:o.hi].float().clone() for o in self._owned]
+
+    # ----- checkpoints and export
+    def save_checkpoint(self, folder: str, tag: str, client_state: dict[str, Any]) -> None:
+        self.module_engine.save_checkpoint(folder, tag=tag, client_state=client_state, save_latest=False)
+
+    def load_checkpoint(self, folder: str, tag: str) -> dict[str, Any]:
+        path, client_state = self.module_engine.load_checkpoint(folder, tag=tag, load_optimizer_states=True,
+                                                                load_lr_scheduler_states=True)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint {folder}/{tag}")
+        return client_state or {}
+
+    def consolidated_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Full 16-bit (or fp32) weights gathered on rank 0 (None on other ranks)."""
+        if self.stage == 3:
+            return self.module_engine._zero3_consolidated_16bit_state_dict()
+        return {k: v.detach().cpu() for k, v in self.module.state_dict().items()} if self.is_main else None
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """`obj` from rank `src` on every rank (before the engine exists)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def all_ranks_ok(ok: bool) -> bool:
+    """True when `ok` holds on every rank (before the engine exists)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return ok
+    flag = torch.tensor([0 if ok else 1], dtype=torch.int64)
+    if torch.cuda.is_available() and dist.get_backend() == "nccl":
+        flag = flag.cuda()
+    dist.all_reduce(flag)
+    return int(flag.item()) == 0
+
+
+def shutdown(clean: bool = True) -> None:
+    """Leave the process group; a barrier first when every rank is expected to get here."""
+    if not dist.is_initialized():
+        return
+    if clean and dist.get_world_size() > 1:
+        dist.barrier()
+    dist.destroy_process_group()

@@ -1,0 +1,85 @@
+"""Building the PRM for training and reading/writing the exported PRM.
+
+Export layout (``<weights_path>/export``), loadable without DeepSpeed:
+- ``config.json`` + ``model.safetensors``: the backbone, a normal Hugging Face model directory;
+- ``score_head.safetensors``: the scalar head;
+- ``prm_config.json``: head type, base model, domain mapping, learned domain weights, aggregation;
+- the processor files (tokenizer, chat template, image processor).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForImageTextToText
+from transformers.utils import logging as hf_logging
+
+from dreamprm.model.prm import HeadType, ProcessRewardModel
+from dreamprm.model.processor import ImageOnlyQwen2VLProcessor, load_processor
+
+PRM_CONFIG = "prm_config.json"
+HEAD_FILE = "score_head.safetensors"
+
+hf_logging.disable_progress_bar()
+
+
+def check_model_dir(path: str | Path) -> None:
+    """A readable error for a --reward_model that is not a model directory."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"--reward_model {path}: no such directory (no hub downloads happen here: "
+                                "pass a local Qwen2-VL directory, or 'tiny' for the offline tiny model)")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"--reward_model {path}: config.json is missing, so this is not a model directory")
+
+
+def load_backbone(path: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> torch.nn.Module:
+    """A Qwen2-VL / Qwen2.5-VL *ForConditionalGeneration from a local directory."""
+    check_model_dir(path)
+    return AutoModelForImageTextToText.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code,
+                                                       local_files_only=True)
+
+
+def build_prm(path: str | Path, head: HeadType, *, seed: int, dtype: torch.dtype = torch.float32,
+              trust_remote_code: bool = False, gradient_checkpointing: bool = False) -> ProcessRewardModel:
+    backbone = load_backbone(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    if gradient_checkpointing:
+        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # The head is initialised from the seed alone, so every rank and every world size agree.
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    model = ProcessRewardModel(backbone, head)
+    torch.random.set_rng_state(generator_state)
+    return model.to(dtype)
+
+
+def export_prm(out_dir: str | Path, state_dict: dict[str, torch.Tensor], model: ProcessRewardModel,
+               processor: ImageOnlyQwen2VLProcessor, meta: dict[str, Any]) -> Path:
+    """Write the exported PRM from a full (gathered) state dict of the PRM."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    backbone = {k[len("backbone."):]: v.detach().clone().contiguous() for k, v in state_dict.items() if k.startswith("backbone.")}
+    head = {k[len("score_head."):]: v.detach().clone().contiguous() for k, v in state_dict.items() if k.startswith("score_head.")}
+    model.backbone.config.save_pretrained(out_dir)
+    save_file(backbone, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    save_file(head, str(out_dir / HEAD_FILE), metadata={"format": "pt"})
+    processor.save_pretrained(out_dir)
+    processor.tokenizer.save_pretrained(out_dir)
+    (out_dir / PRM_CONFIG).write_text(json.dumps({**meta, "head": model.head_type}, indent=2, sort_keys=True))
+    return out_dir
+
+
+def load_exported_prm(path: str | Path, dtype: torch.dtype = torch.float32,
+                      device: str | torch.device = "cpu") -> tuple[ProcessRewardModel, ImageOnlyQwen2VLProcessor, dict]:
+    """Load an exported PRM without DeepSpeed: (model in eval mode, processor, prm_config)."""
+    path = Path(path)
+    if not (path / PRM_CONFIG).is_file() or not (path / HEAD_FILE).is_file():
+        raise FileNotFoundError(f"{path}: not an exported PRM ({PRM_CONFIG} or {HEAD_FILE} is missing)")
+    meta = json.loads((path / PRM_CONFIG).read_text())
+    backbone = load_backbone(path, dtype=dtype)
+    model = ProcessRewardModel(backbone, meta["head"])
+    model.score_head.load_state_dict(load_file(str(path / HEAD_FILE)))
+    return model.to(device=device, dtype=dtype).eval(), load_processor(path), meta

@@ -1,0 +1,454 @@
+"""The DreamPRM trainer: builds the components, then runs segments until done.
+
+    train()                     loop over segments; checkpoint, stop, finish
+      train_segment()           `unroll_steps` lower steps, then one upper step
+        lower_step()            `gradiant_accumulation` micro-batches → one PRM optimiser step
+        upper.upper_step()      meta-gradient → hypergradient → domain-weight update
+
+Every rank runs the same code; rank 0 alone writes logs, TensorBoard and summaries. Decisions that
+must agree across ranks (skip a non-finite update, stop on a signal) are taken from one small
+all-reduce per optimiser step.
+"""
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch.utils.data import DataLoader
+
+from dreamprm.bilevel.domain_weights import DomainWeights
+from dreamprm.bilevel.upper import UpperResult, model_inputs, upper_step
+from dreamprm.checkpoint import Checkpointer, checkpoint_name, complete_checkpoints
+from dreamprm.config import REPO_ROOT, TINY_MODEL, ConfigError, TrainConfig, load_ds_config, resolve_ds_config
+from dreamprm.data.datasets import MetaDataset, PRMCollator, TrainDataset
+from dreamprm.data.records import DataValidationError, ImageChecker, domain_index, load_meta_records, load_train_records
+from dreamprm.data.sampler import DistributedBatchSampler
+from dreamprm.distributed import engine as dist_engine
+from dreamprm.distributed.engine import DistInfo, DistributedEngine
+from dreamprm.losses import domain_loss_sums, per_sample_mse, weighted_training_loss
+from dreamprm.metrics import MetricsLogger
+from dreamprm.model.loading import build_prm, check_model_dir, export_prm
+from dreamprm.model.processor import load_processor
+from dreamprm.summary import write_domain_weight_summary
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: the job script requeues on it
+TINY_MODEL_DIR = REPO_ROOT / "runs" / "tiny-qwen2vl"
+
+
+class TrainingAborted(RuntimeError):
+    """Training cannot go on (e.g. too many non-finite updates in a row); a checkpoint was written."""
+
+
+@dataclass
+class TrainState:
+    """Everything besides the engine that a resumed run needs to continue the same trajectory."""
+    step: int = 0
+    upper_steps: int = 0
+    train_epoch: int = 0
+    train_batch: int = 0  # batches of train_epoch already consumed
+    meta_epoch: int = 0
+    meta_batch: int = 0
+    bad_in_a_row: int = 0
+    skipped_lower: int = 0
+    skipped_upper: int = 0
+    samples: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Window:
+    """Accumulators between two log lines (device tensors: no sync until logging)."""
+    loss_sum: float = 0.0
+    weighted_sum: float = 0.0
+    domain_sums: torch.Tensor | None = None
+    domain_counts: torch.Tensor | None = None
+    samples: int = 0
+    tokens: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+
+def resolve_reward_model(name: str, rank: int) -> str:
+    """'tiny' → the offline tiny Qwen2-VL, built once by rank 0 while the others wait."""
+    if name != TINY_MODEL:
+        return name
+    if rank == 0 and not (TINY_MODEL_DIR / "config.json").is_file():
+        from dreamprm.model.tiny import build_tiny_qwen2vl
+        build_tiny_qwen2vl(TINY_MODEL_DIR)
+    dist_engine.barrier()
+    return str(TINY_MODEL_DIR)
+
+
+class Trainer:
+    # --- configuration
+    config: TrainConfig
+    ds_config: dict[str, Any]
+    info: DistInfo
+    domains: dict[str, int]
+    output: Path
+    # --- components
+    engine: DistributedEngine
+    domain_weights: DomainWeights
+    meta_optimizer: torch.optim.Optimizer
+    train_sampler: DistributedBatchSampler
+    meta_sampler: DistributedBatchSampler
+    # --- runtime utilities
+    logger: MetricsLogger
+    checkpointer: Checkpointer
+    # --- training state
+    state: TrainState
+
+    def __init__(self, config: TrainConfig, info: DistInfo):
+        self.config, self.info = config, info
+        run, bilevel = config.run, config.bilevel
+        self.ds_config = resolve_ds_config(load_ds_config(run.deepspeed), config, world_size=info.world_size,
+                                           on_gpu=info.device.type == "cuda", source=run.deepspeed)
+        if bilevel.hypergrad == "fd" and not bilevel.baseline and config.optim.precision != "fp32":
+            raise ConfigError(
+                f"--hypergrad fd needs --precision fp32: with {config.optim.precision} parameters the perturbation "
+                "εv is mostly rounded away (measured: 23-88% error at 2B). Use --hypergrad exact (the default, "
+                "ε-free, accurate in bf16) or --hypergrad fd_bf16_naive to reproduce the original.")
+        self.reward_model = resolve_reward_model(config.model.reward_model, info.rank)
+        check_model_dir(self.reward_model)
+        train_records, meta_records = self._load_records()
+        self.domains = domain_index(train_records)
+        self.output = self._prepare_output()
+        self.processor = load_processor(self.reward_model, trust_remote_code=config.model.trust_remote_code)
+        self.engine = self._build_engine()
+        self.domain_weights = DomainWeights(list(self.domains))
+        self.meta_optimizer = torch.optim.AdamW(self.domain_weights.parameters(), lr=bilevel.meta_lr,
+                                                weight_decay=bilevel.meta_weight_decay)
+        self._build_data(train_records, meta_records)
+        self.state = TrainState()
+        self.checkpointer = Checkpointer(self.output / "checkpoints", self.engine)
+        self._maybe_resume()
+        self.logger = MetricsLogger(self.output, self.engine.is_main, run.iteration_num, self.state.step)
+        self._stop_signal: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._on_signal)
+
+    # ------------------------------------------------------------------ construction
+    def _load_records(self):
+        """Validate both files completely before anything is written; all problems at once."""
+        problems: list[str] = []
+        images = ImageChecker()
+        data = self.config.data
+        train = load_train_records(data.train_json_file, data.image_root, problems=problems, images=images)
+        meta = load_meta_records(data.meta_json_file, data.image_root, problems=problems, images=images)
+        if problems:
+            raise DataValidationError(problems)
+        per_rank = self.config.optim.batch_size * self.info.world_size
+        if len(train) < per_rank:
+            raise DataValidationError([f"{data.train_json_file}: file: {len(train)} records cannot fill one global "
+                                       f"batch of {per_rank} (--batch_size x world size)"])
+        if not self.config.bilevel.baseline and len(meta) < self.config.bilevel.meta_batch_size * self.info.world_size:
+            raise DataValidationError([f"{data.meta_json_file}: file: {len(meta)} records cannot fill one meta batch "
+                                       f"of {self.config.bilevel.meta_batch_size * self.info.world_size} "
+                                       "(--meta_batch_size x world size)"])
+        return train, meta
+
+    def _prepare_output(self) -> Path:
+        path = self.config.run.weights_path or str(Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
+        path = Path(dist_engine.broadcast_object(path))
+        problem = None
+        if self.info.rank == 0:
+            try:
+                (path / "checkpoints").mkdir(parents=True, exist_ok=True)
+                probe = path / ".write-test"
+                probe.write_text("ok")
+                probe.unlink()
+            except OSError as err:
+                problem = f"--weights_path {path}: not writable ({err.__class__.__name__}: {err})"
+        problem = dist_engine.broadcast_object(problem)
+        if problem:
+            raise ConfigError(problem)
+        self.config.run.weights_path = str(path)
+        if self.info.rank == 0:
+            (path / "config.json").write_text(json.dumps(
+                {**self.config.to_dict(), "deepspeed_resolved": self.ds_config, "domains": self.domains,
+                 "world_size": self.info.world_size}, indent=2, sort_keys=True))
+            (path / "domains.json").write_text(json.dumps(self.domains, indent=2))
+        return path
+
+    def _build_engine(self) -> DistributedEngine:
+        m, o = self.config.model, self.config.optim
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[o.precision]
+        with dist_engine.partitioned_construction(self.ds_config):
+            model = build_prm(self.reward_model, m.head, seed=self.config.run.seed, dtype=dtype,
+                              trust_remote_code=m.trust_remote_code, gradient_checkpointing=m.gradient_checkpointing)
+
+        def step_lr(optimizer: torch.optim.Optimizer):
+            return torch.optim.lr_scheduler.StepLR(optimizer, step_size=o.scheduler_step_size, gamma=o.scheduler_gamma)
+
+        return DistributedEngine(model, self.ds_config, self.info, lr_scheduler=step_lr)
+
+    def _build_data(self, train_records, meta_records) -> None:
+        d, o, b, run = self.config.data, self.config.optim, self.config.bilevel, self.config.run
+        collator = PRMCollator(self.processor)
+        train_set = TrainDataset(train_records, self.domains, d.max_image_side)
+        meta_set = MetaDataset(meta_records, d.max_image_side)
+        self.train_sampler = DistributedBatchSampler(train_set.lengths(), o.batch_size, num_replicas=self.info.world_size,
+                                                     rank=self.info.rank, seed=run.seed)
+        meta_lengths = meta_set.lengths() if len(meta_records) >= b.meta_batch_size * self.info.world_size else [0] * (
+            b.meta_batch_size * self.info.world_size)
+        self.meta_sampler = DistributedBatchSampler(meta_lengths, b.meta_batch_size, num_replicas=self.info.world_size,
+                                                    rank=self.info.rank, seed=run.seed + 1)
+        loader_args = dict(collate_fn=collator, num_workers=d.num_workers, persistent_workers=False)
+        self.train_loader = DataLoader(train_set, batch_sampler=self.train_sampler, **loader_args)
+        self.meta_loader = DataLoader(meta_set, batch_sampler=self.meta_sampler, **loader_args)
+        self._train_iter: Iterator | None = None
+        self._meta_iter: Iterator | None = None
+
+    def _maybe_resume(self) -> None:
+        resume = self.config.run.resume
+        if not resume:
+            return
+        if resume == "auto":
+            found = complete_checkpoints(self.output / "checkpoints")
+            if not found:
+                return
+            folder = found[-1]
+        else:
+            folder = Path(resume)
+        trainer_state = self.checkpointer.load(folder)
+        self._check_compatible(folder, trainer_state)
+        self.state = TrainState(**trainer_state["state"])
+        self.domain_weights.load_state_dict(trainer_state["domain_weights"])
+        self.meta_optimizer.load_state_dict(trainer_state["meta_optimizer"])
+        if self.engine.is_main:
+            print(f"resumed from {folder} at step {self.state.step}", flush=True)
+
+    def _check_compatible(self, folder: Path, saved: dict[str, Any]) -> None:
+        differences = []
+        if saved["domains"] != self.domains:
+            differences.append(f"domains: checkpoint {saved['domains']} vs data {self.domains}")
+        for key, now in (("reward_model", self.reward_model), ("head", self.config.model.head)):
+            if saved["identity"][key] != now:
+                differences.append(f"{key}: checkpoint {saved['identity'][key]!r} vs now {now!r}")
+        if differences:
+            raise ConfigError(f"--resume {folder}: the checkpoint belongs to a different run: " + "; ".join(differences))
+
+    def _trainer_state(self) -> dict[str, Any]:
+        return {"state": self.state.as_dict(), "domains": self.domains,
+                "domain_weights": self.domain_weights.state_dict(), "meta_optimizer": self.meta_optimizer.state_dict(),
+                "identity": {"reward_model": self.reward_model, "head": self.config.model.head}}
+
+    # ------------------------------------------------------------------ data
+    def next_train_batch(self) -> dict[str, torch.Tensor] | None:
+        """The next local micro-batch, or None when --max_epoch is reached."""
+        s = self.state
+        while True:
+            if self._train_iter is None:
+                if s.train_epoch >= self.config.run.max_epoch:
+                    return None
+                self.train_sampler.set_position(s.train_epoch, s.train_batch)
+                self._train_iter = iter(self.train_loader)
+            batch = next(self._train_iter, None)
+            if batch is not None:
+                s.train_batch += 1
+                return batch
+            self._train_iter = None
+            s.train_epoch, s.train_batch = s.train_epoch + 1, 0
+
+    def next_meta_batch(self) -> dict[str, torch.Tensor]:
+        s = self.state
+        while True:
+            if self._meta_iter is None:
+                self.meta_sampler.set_position(s.meta_epoch, s.meta_batch)
+                self._meta_iter = iter(self.meta_loader)
+            batch = next(self._meta_iter, None)
+            if batch is not None:
+                s.meta_batch += 1
+                return batch
+            self._meta_iter = None
+            s.meta_epoch, s.meta_batch = s.meta_epoch + 1, 0
+
+    # ------------------------------------------------------------------ training
+    def train(self) -> int:
+        """Run to --iteration_num / --max_epoch; returns the process exit code."""
+        run = self.config.run
+        self.logger.info(f"training {len(self.domains)} domains {list(self.domains)} on {self.info.world_size} rank(s); "
+                         f"output in {self.output}")
+        window = Window()
+        finished = False
+        while not finished:
+            finished, stop = self.train_segment(window)
+            if stop is not None:
+                self.save_checkpoint()
+                self.logger.info(f"signal {signal.Signals(stop).name}: checkpoint written at step {self.state.step}; exiting")
+                self.logger.close()
+                return EXIT_PREEMPTED
+        self.save_checkpoint()
+        self.finish()
+        return 0
+
+    def train_segment(self, window: Window) -> tuple[bool, int | None]:
+        """`unroll_steps` lower steps, then one upper step. Returns (finished, stop signal)."""
+        run, bilevel = self.config.run, self.config.bilevel
+        last_batch = None
+        for _ in range(bilevel.unroll_steps):
+            if self.state.step >= run.iteration_num:
+                return True, None
+            result = self.lower_step(window)
+            if result is None:
+                return True, None
+            last_batch, stop = result
+            if self.state.step % run.save_every_iterations == 0:
+                self.save_checkpoint()
+            if stop is not None:
+                return False, stop
+        if not bilevel.baseline and last_batch is not None:
+            self.run_upper_step(last_batch)
+        return self.state.step >= run.iteration_num, None
+
+    def lower_step(self, window: Window) -> tuple[dict[str, torch.Tensor], int | None] | None:
+        """One PRM optimiser step over `gradiant_accumulation` micro-batches with the current weights."""
+        weights = self.domain_weights().detach().float().to(self.info.device)
+        nonfinite = torch.zeros((), device=self.info.device)
+        batch = None
+        for _ in range(self.engine.module_engine.gradient_accumulation_steps()):
+            cpu_batch = self.next_train_batch()
+            if cpu_batch is None:
+                return None
+            batch = self.engine.to_device(cpu_batch)
+            logits = self.engine.forward(model_inputs(batch))
+            per_sample = per_sample_mse(logits, batch["target"])
+            loss = weighted_training_loss(per_sample, batch["domain"], weights)
+            nonfinite += (~torch.isfinite(loss)).float()
+            if self.engine.is_accumulation_boundary():
+                # One all-reduce per optimiser step decides for every rank: skip a non-finite
+                # update, and stop on a signal that reached any rank.
+                flags = torch.stack([nonfinite, torch.tensor(float(self._stop_signal or 0), device=self.info.device)])
+                flags = self.engine.all_reduce_max(flags)
+                self.engine.backward(torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0))
+                if flags[0] > 0:
+                    self.engine.skip_step()
+                    self._count_bad("lower")
+                else:
+                    self.engine.step()
+                    self.state.bad_in_a_row = 0
+                stop = int(flags[1].item()) or None
+            else:
+                self.engine.backward(loss)
+                self.engine.step()
+            self._accumulate(window, batch, per_sample, loss)
+        self.state.step += 1
+        if self.state.step % self.config.run.log_every == 0:
+            self.log_window(window)
+        return batch, stop
+
+    def run_upper_step(self, train_batch: dict[str, torch.Tensor]) -> None:
+        b = self.config.bilevel
+        meta_batch = self.engine.to_device(self.next_meta_batch())
+        result = upper_step(self.engine, self.domain_weights, self.meta_optimizer, meta_batch, train_batch,
+                            method=b.hypergrad, radius=b.fd_radius, aggregation=b.aggregation)
+        self.state.upper_steps += 1
+        if result.applied:
+            self.state.bad_in_a_row = 0
+        else:
+            self._count_bad("upper")
+        if self.state.upper_steps % b.weight_check_every == 0:
+            self.check_replicated_weights()
+        self.log_upper(result)
+
+    def _count_bad(self, level: str) -> None:
+        s = self.state
+        s.bad_in_a_row += 1
+        if level == "lower":
+            s.skipped_lower += 1
+        else:
+            s.skipped_upper += 1
+        self.logger.info(f"step {s.step}: non-finite {level}-level value; update skipped on every rank "
+                         f"({s.bad_in_a_row} in a row)")
+        self.logger.scalars(s.step, {"faults/skipped_lower": s.skipped_lower, "faults/skipped_upper": s.skipped_upper})
+        if s.bad_in_a_row >= self.config.run.max_bad_steps:
+            folder = self.save_checkpoint()
+            raise TrainingAborted(f"{s.bad_in_a_row} non-finite updates in a row at step {s.step} (--max_bad_steps "
+                                  f"{self.config.run.max_bad_steps}); the last good state is saved in {folder}")
+
+    def check_replicated_weights(self) -> None:
+        checksum = self.domain_weights.checksum().reshape(1)
+        both = self.engine.all_reduce_max(torch.cat([checksum, -checksum]).to(self.info.device)).cpu()
+        if float(both[0]) != -float(both[1]):
+            raise RuntimeError(f"domain weights differ across ranks at step {self.state.step} "
+                               f"(checksums range {-float(both[1])} .. {float(both[0])}); replicated state is corrupt")
+
+    # ------------------------------------------------------------------ logging
+    def _accumulate(self, window: Window, batch, per_sample: torch.Tensor, loss: torch.Tensor) -> None:
+        k = len(self.domains)
+        sums = domain_loss_sums(per_sample.detach(), batch["domain"], k)
+        counts = torch.zeros(k, device=sums.device).index_add(0, batch["domain"], torch.ones_like(per_sample))
+        window.domain_sums = sums if window.domain_sums is None else window.domain_sums + sums
+        window.domain_counts = counts if window.domain_counts is None else window.domain_counts + counts
+        window.loss_sum = window.loss_sum + per_sample.detach().sum()
+        window.weighted_sum = window.weighted_sum + loss.detach() * per_sample.numel()
+        window.samples += per_sample.numel()
+        window.tokens += int(batch["attention_mask"].sum())
+        self.state.samples += per_sample.numel() * self.info.world_size
+
+    def log_window(self, window: Window) -> None:
+        if window.domain_sums is None:
+            return
+        # One all-reduce of everything the log line needs; this is the sync point of logging.
+        packed = torch.cat([window.domain_sums.double(), window.domain_counts.double(),
+                            torch.stack([torch.as_tensor(window.loss_sum).double().to(self.info.device),
+                                         torch.as_tensor(window.weighted_sum).double().to(self.info.device),
+                                         torch.tensor(float(window.samples), dtype=torch.float64, device=self.info.device),
+                                         torch.tensor(float(window.tokens), dtype=torch.float64, device=self.info.device)])])
+        packed = self.engine.all_reduce_sum(packed).cpu()
+        k = len(self.domains)
+        sums, counts, (loss_sum, weighted_sum, samples, tokens) = packed[:k], packed[k:2 * k], packed[2 * k:].tolist()
+        elapsed = max(time.perf_counter() - window.started, 1e-9)
+        values = {"train/loss": loss_sum / samples, "train/weighted_loss": weighted_sum / samples,
+                  "train/lr": self.engine.learning_rate(), "perf/samples_per_s": samples / elapsed,
+                  "perf/tokens_per_s": tokens / elapsed}
+        for name, i in self.domains.items():
+            if counts[i] > 0:
+                values[f"domain_loss/{name}"] = float(sums[i] / counts[i])
+        self.logger.scalars(self.state.step, values)
+        self.logger.progress(self.config.run.log_every, loss=values["train/loss"], samples_s=values["perf/samples_per_s"])
+        window.__init__()
+
+    def log_upper(self, result: UpperResult) -> None:
+        step = self.state.step
+        values = {"meta/loss": result.meta_loss, "meta/v_norm": result.v_norm,
+                  "hypergrad/norm": float(result.hypergradient.norm())}
+        if result.epsilon is not None:
+            values["hypergrad/epsilon"] = result.epsilon
+        for name, i in self.domains.items():
+            values[f"hypergrad/{name}"] = float(result.hypergradient[i])
+        for name, w in self.domain_weights.as_dict().items():
+            values[f"domain_weight/{name}"] = w
+        self.logger.scalars(step, values)
+
+    # ------------------------------------------------------------------ checkpoint and end
+    def save_checkpoint(self) -> Path:
+        folder = self.checkpointer.save(self.state.step, self._trainer_state())
+        self.logger.flush()
+        return folder
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self._stop_signal = signum
+
+    def finish(self) -> None:
+        """Domain-weight summary and the exported PRM."""
+        weights = self.domain_weights.as_dict()
+        if self.engine.is_main:
+            write_domain_weight_summary(self.output, weights, self.domain_weights.logits.detach().tolist())
+        if self.config.run.export:
+            state_dict = self.engine.consolidated_state_dict()
+            if self.engine.is_main:
+                meta = {"base_model": self.reward_model, "domains": self.domains, "domain_weights": weights,
+                        "aggregation": self.config.bilevel.aggregation, "step": self.state.step}
+                export_prm(self.output / "export", state_dict, self.engine.module, self.processor, meta)
+        self.logger.info(f"done at step {self.state.step}; domain weights: "
+                         + ", ".join(f"{k}={v:.3f}" for k, v in weights.items()))
+        self.logger.close()
