@@ -28,3 +28,8 @@ def run_training(argv: list[str]) -> int:
     finally:
         shutdown(clean=code in (0, 75, EXIT_USER_ERROR))
     return code
+
+
+def main_train() -> None:
+    """Console script `dreamprm-train` (one process, or under torchrun/mpirun/srun)."""
+    sys.exit(run_training(sys.argv[1:]))

@@ -123,6 +123,10 @@ class TrainConfig:
         for name, value in {"lr": self.optim.lr, "meta_lr": self.bilevel.meta_lr, "fd_radius": self.bilevel.fd_radius}.items():
             if not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"--{name}: must be a positive number, got {value}")
+        for name, value in {"weight_decay": self.optim.weight_decay, "scheduler_gamma": self.optim.scheduler_gamma,
+                            "meta_weight_decay": self.bilevel.meta_weight_decay}.items():
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"--{name}: must be a number >= 0, got {value}")
         if self.data.num_workers < 0:
             raise ConfigError(f"--num_workers: must be >= 0, got {self.data.num_workers}")
         if self.run.device not in ("auto", "cuda", "cpu") and not self.run.device.startswith("cuda:"):
@@ -177,11 +181,14 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 def load_ds_config(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
-        return json.loads(path.read_text())
-    except OSError as err:
+        ds = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"--deepspeed {path}: cannot be read ({err})") from err
     except json.JSONDecodeError as err:
         raise ConfigError(f"{path}: invalid JSON ({err.msg} at line {err.lineno} column {err.colno})") from err
+    if not isinstance(ds, dict):
+        raise ConfigError(f"{path}: the top level must be a JSON object, found {type(ds).__name__}")
+    return ds
 
 
 def resolve_ds_config(ds: dict[str, Any], config: TrainConfig, *, world_size: int, on_gpu: bool,
@@ -194,15 +201,24 @@ def resolve_ds_config(ds: dict[str, Any], config: TrainConfig, *, world_size: in
     ds = json.loads(json.dumps(ds))  # deep copy
     o = config.optim
 
-    def settle(keys: tuple[str, ...], flag: str | None, value: Any, apply: Any = None) -> Any:
+    def lookup(keys: tuple[str, ...]) -> tuple[dict[str, Any], Any]:
+        """The parent object of `keys` (created when absent) and the value there ("auto" when absent)."""
         node = ds
-        for k in keys[:-1]:
+        for i, k in enumerate(keys[:-1]):
             node = node.setdefault(k, {})
-        current = node.get(keys[-1], "auto")
+            if not isinstance(node, dict):
+                raise ConfigError(f"{source}: {'.'.join(keys[:i + 1])}: must be a JSON object, got {node!r}")
+        return node, node.get(keys[-1], "auto")
+
+    def settle(keys: tuple[str, ...], flag: str | None, value: Any, apply: Any = None) -> Any:
+        node, current = lookup(keys)
         dotted = ".".join(keys)
         if current == "auto":
             node[keys[-1]] = value
             return value
+        # The JSON value must have the flag's type (true/false for bf16.enabled, 2 not "2" for a batch size).
+        if type(current) is not type(value) and not (type(value) is float and type(current) is int):
+            raise ConfigError(f"{source}: {dotted}: expected {type(value).__name__} or \"auto\", got {current!r}")
         if flag and flag in config.explicit_flags and current != value:
             raise ConfigError(f"--{flag} {value} conflicts with {dotted}={current!r} in {source}; "
                               f"change one of them or set {dotted} to \"auto\"")
@@ -210,6 +226,8 @@ def resolve_ds_config(ds: dict[str, Any], config: TrainConfig, *, world_size: in
             apply(current)
         return current
 
+    if not isinstance(ds.get("zero_optimization", {}), dict):
+        raise ConfigError(f"{source}: zero_optimization: must be a JSON object, got {ds['zero_optimization']!r}")
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"{source}: zero_optimization.stage: must be 0, 1, 2 or 3, got {stage!r}")
@@ -217,25 +235,34 @@ def resolve_ds_config(ds: dict[str, Any], config: TrainConfig, *, world_size: in
                    lambda v: setattr(o, "batch_size", int(v)))
     gas = settle(("gradient_accumulation_steps",), "gradiant_accumulation", o.gradiant_accumulation,
                  lambda v: setattr(o, "gradiant_accumulation", int(v)))
+    for key, count in (("train_micro_batch_size_per_gpu", micro), ("gradient_accumulation_steps", gas)):
+        if count < 1:
+            raise ConfigError(f"{source}: {key}: must be >= 1, got {count}")
     total = micro * gas * world_size
     if ds.get("train_batch_size", "auto") not in ("auto", total):
         raise ConfigError(f"{source}: train_batch_size={ds['train_batch_size']} conflicts with "
                           f"train_micro_batch_size_per_gpu ({micro}) x gradient_accumulation_steps ({gas}) "
                           f"x world size ({world_size}) = {total}")
     ds["train_batch_size"] = total
-    for name, flag_value in (("bf16", o.precision == "bf16"), ("fp16", o.precision == "fp16")):
-        enabled = settle((name, "enabled"), None, flag_value)
-        if enabled != flag_value and "precision" in config.explicit_flags:
-            raise ConfigError(f"--precision {o.precision} conflicts with {name}.enabled={enabled} in {source}")
-        if enabled and not flag_value:
-            o.precision = name
-    if ds.get("bf16", {}).get("enabled") and ds.get("fp16", {}).get("enabled"):
+    enabled = {name: lookup((name, "enabled"))[1] for name in ("bf16", "fp16")}
+    if enabled["bf16"] is True and enabled["fp16"] is True:
         raise ConfigError(f"{source}: bf16.enabled and fp16.enabled are both true")
+    if "precision" not in config.explicit_flags:
+        # Concrete JSON values decide an untyped --precision; disabling its default without enabling
+        # the other means fp32 (the model is built in the precision the engine runs).
+        if True in enabled.values():
+            o.precision = "bf16" if enabled["bf16"] is True else "fp16"
+        elif enabled.get(o.precision) is False:
+            o.precision = "fp32"
+    for name in ("bf16", "fp16"):
+        value = settle((name, "enabled"), None, o.precision == name)
+        if value != (o.precision == name):
+            raise ConfigError(f"--precision {o.precision} conflicts with {name}.enabled={value} in {source}")
     if "optimizer" in ds:
-        params = ds["optimizer"].setdefault("params", {})
         settle(("optimizer", "params", "lr"), "lr", o.lr, lambda v: setattr(o, "lr", float(v)))
         settle(("optimizer", "params", "weight_decay"), "weight_decay", o.weight_decay,
                lambda v: setattr(o, "weight_decay", float(v)))
+        params = ds["optimizer"]["params"]
         if params.get("torch_adam") == "auto":
             # FusedAdam JIT-compiles (~45 s) and needs CUDA; torch's AdamW is the CPU choice.
             params["torch_adam"] = not on_gpu

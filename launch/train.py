@@ -14,7 +14,9 @@ from __future__ import annotations
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Replace this folder on the import path by the repository root: launch/select.py must not shadow
+# the standard library's `select` module.
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from dreamprm.cli import run_training  # noqa: E402
 

@@ -27,6 +27,7 @@ import re
 import shutil
 import signal as _signal
 import socket
+import stat
 import subprocess
 import tempfile
 import time
@@ -111,10 +112,12 @@ class LocalSlurm:
 
     def __init__(self, tmpdir: str | os.PathLike, nodes: int = 2, cpus_per_node: int = 2,
                  real_memory_mb: int = 2000, gpus_per_node: int = 0, kill_wait_s: int = 5,
-                 start_timeout_s: float = 60.0, cred_expire_s: int = 5,
+                 start_timeout_s: float = 30.0, cred_expire_s: int = 5,
                  reuse_munge: bool = False):
-        """``gpus_per_node`` > 0 declares count-only ``gpu`` GRES (no device files), so that
-        ``--gpus-per-node`` requests can be scheduled; jobs see no CUDA devices. ``reuse_munge``
+        """``gpus_per_node`` > 0 declares fake ``gpu`` GRES (stand-in device files), so that
+        ``#SBATCH --gpus-per-node`` requests schedule as written and tasks get
+        CUDA_VISIBLE_DEVICES like on a GPU node (no GPU behind it). ``cpus_per_node`` may exceed
+        the host's cores (slurmd's config_overrides). ``reuse_munge``
         uses a munged already answering on /run/munge instead of a private one (the private one is
         the default: a shared munged can be stopped under us by whoever started it).
         ``cred_expire_s`` (AuthInfo cred_expire, Slurm's default 120) is also how long a requeued
@@ -256,8 +259,13 @@ class LocalSlurm:
         if self.munge_socket != SYSTEM_MUNGE_SOCKET:
             auth_info += f",socket={self.munge_socket}"
         if self.gpus_per_node:
+            # gres/gpu drops GPUs without File= and wants character devices: stand-ins for
+            # /dev/nvidiaN with /dev/null's numbers (nothing opens them; no cgroup confinement).
+            (r / "dev").mkdir(exist_ok=True)
+            for i in range(self.gpus_per_node):
+                os.mknod(r / "dev" / f"gpu{i}", stat.S_IFCHR | 0o666, os.makedev(1, 3))
             (t / "gres.conf").write_text(
-                f"NodeName={','.join(self.node_names)} Name=gpu Count={self.gpus_per_node}\n")
+                f"Name=gpu File={r / 'dev'}/gpu[0-{self.gpus_per_node - 1}]\n")
         # Job ids start at a random point so that two clusters rarely hand out the same ids (job
         # scripts derive ports from SLURM_JOB_ID).
         first_job_id = random.randint(1000, 60000)

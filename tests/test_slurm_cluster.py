@@ -248,3 +248,65 @@ def test_train_script_passes_failures_through(cluster, tmp_path):
     assert job.state == "FAILED" and job.returncode == 143, err
     assert "task 1: Exited with exit code 7" in err
     assert cluster.job(job.job_id)["Restarts"] == "0"
+
+
+ECHO_TRAINER = """\
+import json, os, sys
+keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "SLURMD_NODENAME", "CUDA_VISIBLE_DEVICES",
+        "OMP_NUM_THREADS", "MASTER_ADDR")
+rec = {k: os.environ.get(k) for k in keys}
+rec["argv"] = sys.argv[1:]
+out = sys.argv[sys.argv.index("--weights_path") + 1]
+with open(os.path.join(out, "rank%s.json" % os.environ["RANK"]), "w") as f:
+    json.dump(rec, f)
+"""
+
+
+def test_train_7b_headers_as_written(tmp_path):
+    """train_7b.sh with no sbatch overrides on a cluster shaped like the target (2 nodes x 8 fake
+    GPUs): 16 ranks, 8 per node, every rank sees the node's 8 GPUs and picks one by LOCAL_RANK."""
+    stub = tmp_path / "echo_train.py"
+    stub.write_text(ECHO_TRAINER)
+    for name in ("zero3.json", "train.json", "meta.json"):
+        (tmp_path / name).write_text("{}")
+    (tmp_path / "logs").mkdir()
+    out = tmp_path / "w"
+    with LocalSlurm(tmp_path / "slurm", nodes=2, cpus_per_node=64, gpus_per_node=8) as big:
+        job = big.sbatch(REPO / "slurm" / "train_7b.sh", cwd=tmp_path, timeout=60, env_overrides={
+            "PYTHON": PYTHON, "TRAINER": str(stub), "DS_CONFIG": str(tmp_path / "zero3.json"),
+            "TRAIN_JSON": str(tmp_path / "train.json"), "META_JSON": str(tmp_path / "meta.json"),
+            "OUTPUT_DIR": str(out)})
+        info = big.job(job.job_id)
+    log = (tmp_path / "logs" / f"dreamprm-7b-{job.job_id}.err").read_text()
+    assert (job.returncode, job.state) == (0, "COMPLETED"), log
+    assert info["JobName"] == "dreamprm-7b" and info["NumNodes"] == "2"
+    assert info["TimeLimit"] == "1-00:00:00" and info["Requeue"] == "1"
+    recs = [json.loads((out / f"rank{r}.json").read_text()) for r in range(16)]
+    assert {rec["WORLD_SIZE"] for rec in recs} == {"16"}
+    for r, rec in enumerate(recs):
+        assert rec["LOCAL_RANK"] == str(r % 8)
+        assert rec["SLURMD_NODENAME"] == ("n1" if r < 8 else "n2")
+        assert rec["CUDA_VISIBLE_DEVICES"] == "0,1,2,3,4,5,6,7"
+        assert rec["OMP_NUM_THREADS"] == "8"  # --cpus-per-task=8
+
+
+@pytest.mark.skipif(not os.environ.get("DREAMPRM_SLOW_TESTS"),
+                    reason="~40 s; set DREAMPRM_SLOW_TESTS=1 to run")
+def test_time_limit_signal_requeue(cluster, tmp_path):
+    """Slurm's own timer (`--signal=USR1@T`, here 50 s before a 1-minute limit) reaches the
+    trainer ranks, not the batch shell; the job is requeued and the next run resumes."""
+    stub = tmp_path / "stub_train.py"
+    stub.write_text(STUB_TRAINER)
+    for name in ("zero3.json", "train.json", "meta.json"):
+        (tmp_path / name).write_text("{}")
+    (tmp_path / "logs").mkdir()
+    out = tmp_path / "w"
+    job = cluster.sbatch(REPO / "slurm" / "train_7b.sh", cwd=tmp_path, timeout=150, env_overrides={
+        "PYTHON": PYTHON, "TRAINER": str(stub), "DS_CONFIG": str(tmp_path / "zero3.json"),
+        "TRAIN_JSON": str(tmp_path / "train.json"), "META_JSON": str(tmp_path / "meta.json"),
+        "OUTPUT_DIR": str(out)}, args=["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0",
+                                       "--cpus-per-task=1", "--time=1", "--signal=USR1@50"])
+    err = (tmp_path / "logs" / f"dreamprm-7b-{job.job_id}.err").read_text()
+    assert (job.returncode, job.state) == (0, "COMPLETED"), err
+    assert cluster.job(job.job_id)["Restarts"] == "1"
+    assert json.loads((out / "run1.rank0.json").read_text())["resumed"] is True

@@ -10,8 +10,8 @@ Writes, under ``--out`` (default: the folder holding this script):
   differ only in label quality:
 
   - ``clean``:    the simulated Monte Carlo accuracy of the prefix;
-  - ``noisy_30``: 30% of the labels replaced by Uniform(0, 1);
-  - ``noisy_80``: 80% of the labels replaced by Uniform(0, 1);
+  - ``noisy_30``: 30% of the labels replaced by the label of a random record of the domain;
+  - ``noisy_80``: 80% of the labels replaced likewise;
   - ``inverted``: 1 - the true label.
 
 * ``meta.json``    -- upper-level (meta) records: question + whole chain,
@@ -65,7 +65,12 @@ N_META = 64
 N_CAND_QUESTIONS = 24
 N_CANDIDATES = 4
 
-P_CHAIN_ERROR = 0.5  # policy: probability that a chain contains a wrong step
+HEDGES = ("I am not sure, but ", "Maybe ", "Probably ")
+P_HEDGE_WRONG = 0.85  # policy: chance that a wrong step is hedged
+P_HEDGE_RIGHT = 0.05  # policy: chance that a right step is hedged
+P_CHAIN_ERROR = 0.62  # policy: probability that a training chain contains a wrong step (this centres the
+#                      Monte Carlo labels near 0.5, as the meta labels are, so label bias does not
+#                      dominate the hypergradient and the inverted domain keeps the same mean)
 ROLLOUTS = 16  # Monte Carlo rollouts per prefix
 P_ROLLOUT_STEP_ERROR = 0.05  # rollouts from a right prefix: per-step error
 P_ROLLOUT_LAST = 0.98  # ... and chance the final answer is read off right
@@ -319,6 +324,11 @@ def make_chain(scene, plan, rng, error):
         answer = combine_answer(ckind, cextra, values)
     steps.append(combine_text(ckind, cextra, values, answer, rng))
     assert len(steps) == n_steps
+    # The simulated policy often hedges when it is guessing: a lexical cue a small model can pick
+    # up in minutes on a CPU. Right steps hedge too, rarely, so the cue is informative, not exact.
+    for i in range(n_steps):
+        if rng.random() < (P_HEDGE_WRONG if i == err_step else P_HEDGE_RIGHT):
+            steps[i] = rng.choice(HEDGES) + steps[i][0].lower() + steps[i][1:]
     return steps, answer, err_step
 
 
@@ -357,15 +367,24 @@ def new_item(rng, out, name):
             "image_path": rel}
 
 
-def apply_noise(domain, acc, rng):
+def apply_noise(domain, records, rng):
+    """Corrupt the labels of one domain in place.
+
+    A noisy label is the true label of another record of the same domain, drawn at random: the
+    label distribution stays the same and only the information is destroyed. (Uniform random
+    values would pull scores towards 0.5 like label smoothing, which a meta objective can prefer.)
+    """
     if domain == "clean":
-        return acc
+        return
     if domain == "inverted":
-        return 1.0 - acc
+        for r in records:
+            r["accuracy"] = 1.0 - r["accuracy"]
+        return
     frac = {"noisy_30": 0.3, "noisy_80": 0.8}[domain]
-    if rng.random() < frac:
-        return round(rng.random(), 4)
-    return acc
+    pool = [r["accuracy"] for r in records]
+    for r in records:
+        if rng.random() < frac:
+            r["accuracy"] = rng.choice(pool)
 
 
 def build_train(seed, out):
@@ -373,6 +392,7 @@ def build_train(seed, out):
     for domain in DOMAINS:
         rng = random.Random("%s/train/%s" % (seed, domain))
         noise_rng = random.Random("%s/noise/%s" % (seed, domain))
+        first = len(records)
         for i in range(CHAINS_PER_DOMAIN):
             cid = "%s-%03d" % (domain, i)
             item = new_item(rng, out, "train_%s_%03d" % (domain, i))
@@ -390,9 +410,10 @@ def build_train(seed, out):
                     "add": prefix,
                     "image_path": item["image_path"],
                     "dataset": domain,
-                    "accuracy": apply_noise(domain, acc, noise_rng),
+                    "accuracy": acc,
                     "ground_truth": item["gt"],
                 })
+        apply_noise(domain, records[first:], noise_rng)
     return records
 
 

@@ -58,29 +58,32 @@ def read_json_records(path: str | Path, problems: list[str]) -> list[Any]:
     """A JSON list, or JSON Lines (one object per line). Problems are appended, not raised."""
     path = Path(path)
     try:
-        raw = path.read_text(encoding="utf-8")
+        raw = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not an error
     except (OSError, UnicodeDecodeError) as err:
         problems.append(f"{path}: file: cannot be read ({err.__class__.__name__}: {err})")
         return []
-    if path.suffix == ".jsonl":
-        records = []
-        for line_no, line in enumerate(raw.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                problems.append(f"{path}:line {line_no}: json: invalid JSON ({err.msg} at column {err.colno})")
-        return records
-    try:
-        data = json.loads(raw)
-    except json.JSONDecodeError as err:
-        problems.append(f"{path}: json: invalid JSON ({err.msg} at line {err.lineno} column {err.colno})")
-        return []
-    if not isinstance(data, list):
-        problems.append(f"{path}: json: the top level must be a list of records, found {type(data).__name__}")
-        return []
-    return data
+    if path.suffix != ".jsonl":
+        try:
+            data = json.loads(raw)
+        except json.JSONDecodeError as err:
+            # Several objects, one per line: JSON Lines in a file not named .jsonl.
+            if not (err.msg == "Extra data" and raw.lstrip().startswith("{")):
+                problems.append(f"{path}: json: invalid JSON ({err.msg} at line {err.lineno} column {err.colno})")
+                return []
+        else:
+            if not isinstance(data, list):
+                problems.append(f"{path}: json: the top level must be a list of records, found {type(data).__name__}")
+                return []
+            return data
+    records = []
+    for line_no, line in enumerate(raw.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            problems.append(f"{path}:line {line_no}: json: invalid JSON ({err.msg} at column {err.colno})")
+    return records
 
 
 class ImageChecker:
@@ -104,7 +107,10 @@ def _image_problem(path: Path) -> str | None:
         return f"image file {path} is empty (0 bytes)"
     try:
         with Image.open(path) as image:
-            image.verify()
+            image.verify()  # chunk checksums, but no decoding: a truncated JPEG passes
+        with Image.open(path) as image:
+            image.draft("RGB", (64, 64))  # JPEG: decode at reduced scale, still reading every byte
+            image.load()
     except Exception as err:  # PIL raises many types for broken files
         return f"{path} is not a readable image ({err.__class__.__name__}: {err})"
     return None
@@ -187,8 +193,8 @@ def _build_train(record: Any, where: str, root: Path, images: ImageChecker, prob
     if not _check_fields(record, where, _TRAIN_FIELDS, problems):
         return None
     ok = True
-    accuracy = float(record["accuracy"])
-    if not math.isfinite(accuracy) or not 0.0 <= accuracy <= 1.0:
+    accuracy = record["accuracy"]  # no float() yet: a huge JSON integer would overflow it
+    if not (isinstance(accuracy, int) or math.isfinite(accuracy)) or not 0 <= accuracy <= 1:
         problems.append(f"{where}: accuracy: must be a number in [0, 1], found {record['accuracy']!r}")
         ok = False
     if not record["dataset"].strip():
@@ -202,7 +208,7 @@ def _build_train(record: Any, where: str, root: Path, images: ImageChecker, prob
         return None
     chain_id = record.get("id")
     return TrainRecord(text=record["input"] + "\n\n" + record["add"], image_path=image, domain=record["dataset"],
-                       accuracy=accuracy, chain_id=None if chain_id is None else str(chain_id),
+                       accuracy=float(accuracy), chain_id=None if chain_id is None else str(chain_id),
                        step_index=record.get("sid"), source=where)
 
 

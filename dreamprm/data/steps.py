@@ -12,12 +12,24 @@ import re
 
 # "Step 1:", "Step 2.", "**Step 3:**", "step 4 -": a step number followed by a separator.
 STEP_MARKER = re.compile(r"(?:\*\*)?\bstep\s*(\d+)\s*(?:\*\*)?\s*[:.\-)]", re.IGNORECASE)
-FINAL_ANSWER = re.compile(r"(?:\*\*)?\bfinal\s+answer\b", re.IGNORECASE)
+# "Final answer: 3", "**Final answer**: 3", or "Final answer" opening a line. Not "... the final answer
+# is 3." inside the last step, which belongs to that step.
+FINAL_ANSWER = re.compile(r"(?:\*\*)?\bfinal\s+answer\b(?=\s*(?:\*\*)?\s*[:：])"
+                          r"|^[ \t]*(?:\*\*)?final\s+answer\b", re.IGNORECASE | re.MULTILINE)
 
 
 def step_marker_positions(text: str) -> list[int]:
-    """Start offsets of the step markers, in order."""
-    return [m.start() for m in STEP_MARKER.finditer(text)]
+    """Start offsets of the step markers, in order.
+
+    Step numbers must increase: "Step 3: from Step 1. we get ..." refers back to step 1, it does not
+    start a new step.
+    """
+    starts, last = [], -1
+    for m in STEP_MARKER.finditer(text):
+        if int(m.group(1)) > last:
+            starts.append(m.start())
+            last = int(m.group(1))
+    return starts
 
 
 def split_step_prefixes(text: str) -> list[str]:
@@ -37,4 +49,4 @@ def final_answer(text: str) -> str | None:
     if not matches:
         return None
     answer = text[matches[-1].end():].strip().lstrip("*:： ").strip()
-    return answer.splitlines()[0].strip().rstrip(".").strip() if answer else ""
+    return answer.splitlines()[0].strip().strip("*").rstrip(".").strip() if answer else ""

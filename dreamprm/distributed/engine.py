@@ -87,8 +87,8 @@ def _share_cpu_threads() -> None:
     # the cores (measured: 2 ranks on 2 cores ran 5x slower). Split the cores unless told otherwise.
     if "OMP_NUM_THREADS" in os.environ:
         return
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE",
-                      os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", "1"))).split("(")[0])
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE",
+                      os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", "1")))).split("(")[0])
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local_world, 1)))
 
 

@@ -1,0 +1,217 @@
+"""DeepSpeed's ZeRO-3 memory estimate for the Qwen2-VL-2B / 7B reward models, without downloads.
+
+The parameter counts come from the public configs: the model is built from a ``Qwen2VLConfig`` on
+the ``meta`` device (no memory, no weights), its parameters are counted exactly, and the largest
+single module (DeepSpeed's "largest layer": the one it must gather whole) is found the way
+``deepspeed.runtime.zero.stage3.model_to_params`` does. Those two numbers go to
+``estimate_zero3_model_states_mem_needs_all_cold``. Without transformers a closed-form count of the
+same architecture is used (it agrees exactly; ``--check`` compares the two).
+
+The estimate covers model states only (fp16/bf16 parameters, gradients, fp32 Adam master + moments)
+with DeepSpeed's 1.5 buffer factor; activations, the bilevel step's extra copies and the CUDA
+context come on top.
+
+    python launch/estimate_memory.py                      # the README table: 2B 1x8, 7B 1x8 and 2x8
+    python launch/estimate_memory.py --model 7b --nodes 2 --gpus_per_node 8
+    python launch/estimate_memory.py --markdown           # the table in slurm/README.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import io
+import os
+import sys
+
+# Public config.json of Qwen/Qwen2-VL-2B-Instruct and Qwen/Qwen2-VL-7B-Instruct (the fields that
+# change the parameter count).
+VISION = dict(depth=32, embed_dim=1280, num_heads=16, mlp_ratio=4, in_channels=3, patch_size=14,
+              spatial_merge_size=2, temporal_patch_size=2)
+QWEN2_VL = {
+    "2b": dict(name="Qwen/Qwen2-VL-2B-Instruct", hidden_size=1536, num_hidden_layers=28,
+               num_attention_heads=12, num_key_value_heads=2, intermediate_size=8960,
+               vocab_size=151936, tie_word_embeddings=True),
+    "7b": dict(name="Qwen/Qwen2-VL-7B-Instruct", hidden_size=3584, num_hidden_layers=28,
+               num_attention_heads=28, num_key_value_heads=4, intermediate_size=18944,
+               vocab_size=152064, tie_word_embeddings=False),
+}
+# (model, nodes, GPUs per node) printed by default and tabulated in slurm/README.md.
+DEFAULT_SETUPS = (("2b", 1, 8), ("7b", 1, 8), ("7b", 2, 8))
+GIB = 2**30
+
+
+@dataclasses.dataclass
+class ParamCount:
+    total: int
+    largest_layer: int
+    largest_layer_name: str
+    method: str  # "meta" (instantiated) or "formula"
+
+
+def build_config(model: str):
+    """A transformers ``Qwen2VLConfig`` equal to the public one in every size field."""
+    from transformers import Qwen2VLConfig
+
+    spec = dict(QWEN2_VL[model])
+    spec.pop("name")
+    tie = spec.pop("tie_word_embeddings")
+    vision = dict(VISION, hidden_size=spec["hidden_size"])  # the merger's output width
+    text = dict(spec, max_window_layers=spec["num_hidden_layers"],
+                rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]})
+    try:  # transformers >= 4.5x: nested text_config
+        cfg = Qwen2VLConfig(text_config=dict(text, tie_word_embeddings=tie),
+                            vision_config=vision, tie_word_embeddings=tie)
+    except TypeError:
+        cfg = None
+    text_cfg = getattr(cfg, "text_config", None)
+    if cfg is None or getattr(text_cfg, "hidden_size", None) != spec["hidden_size"]:
+        cfg = Qwen2VLConfig(**text, vision_config=vision, tie_word_embeddings=tie)  # older layout
+    return cfg
+
+
+def count_params_meta(model: str) -> ParamCount:
+    """Instantiate Qwen2VLForConditionalGeneration on the meta device and count."""
+    import torch
+    from transformers import Qwen2VLForConditionalGeneration
+
+    cfg = build_config(model)
+    with torch.device("meta"):
+        net = Qwen2VLForConditionalGeneration(cfg)
+    # parameters() yields a tied weight once. (DeepSpeed's model_to_params dedups by data_ptr,
+    # which is 0 for every meta tensor, so it cannot be used here.)
+    total = sum(p.numel() for p in net.parameters())
+    largest, largest_name = 0, ""
+    for name, mod in net.named_modules():
+        n = sum(p.numel() for p in mod.parameters(recurse=False))
+        if n > largest:
+            largest, largest_name = n, name
+    return ParamCount(total, largest, largest_name, "meta")
+
+
+def count_params_formula(model: str) -> ParamCount:
+    """Closed-form count of the same architecture (biases on q/k/v only, RMSNorm weights)."""
+    s = QWEN2_VL[model]
+    h, inter, v = s["hidden_size"], s["intermediate_size"], s["vocab_size"]
+    head_dim = h // s["num_attention_heads"]
+    kv = s["num_key_value_heads"] * head_dim
+    attn = (h * h + h) + 2 * (h * kv + kv) + h * h  # q (+bias), k, v (+bias), o
+    layer = attn + 3 * h * inter + 2 * h  # gate/up/down, two RMSNorms
+    embed = v * h
+    text = embed + s["num_hidden_layers"] * layer + h + (0 if s["tie_word_embeddings"] else embed)
+
+    e, ratio = VISION["embed_dim"], VISION["mlp_ratio"]
+    patch = VISION["in_channels"] * VISION["temporal_patch_size"] * VISION["patch_size"] ** 2 * e
+    block = 2 * 2 * e + (e * 3 * e + 3 * e) + (e * e + e) \
+        + (e * ratio * e + ratio * e) + (ratio * e * e + e)  # 2 LayerNorms, qkv, proj, fc1, fc2
+    merged = e * VISION["spatial_merge_size"] ** 2
+    merger = 2 * e + (merged * merged + merged) + (merged * h + h)  # LayerNorm, 2-layer MLP
+    vision = patch + VISION["depth"] * block + merger
+    return ParamCount(text + vision, embed, "model.language_model.embed_tokens", "formula")
+
+
+def count_params(model: str) -> ParamCount:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return count_params_formula(model)
+    return count_params_meta(model)
+
+
+@dataclasses.dataclass
+class Row:
+    model: str
+    nodes: int
+    gpus_per_node: int
+    offload_param: bool
+    offload_optimizer: bool
+    gpu_gib: float  # per GPU
+    cpu_gib: float  # per node (DeepSpeed prints it as "per CPU")
+
+
+def estimate_rows(model: str, count: ParamCount, nodes: int, gpus_per_node: int) -> list[Row]:
+    """DeepSpeed's estimate with zero_init=1 (weights partitioned while loading, which is what
+    HfDeepSpeedConfig + from_pretrained does) for: no offload, optimizer offload, both."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    rows = []
+    for off_opt, off_param in ((False, False), (True, False), (True, True)):
+        cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
+            total_params=count.total, largest_layer_params=count.largest_layer,
+            num_gpus_per_node=gpus_per_node, num_nodes=nodes, cpu_offload=off_opt,
+            cpu_offload_params=off_param, zero_init=True)
+        rows.append(Row(model, nodes, gpus_per_node, off_param, off_opt, gpu / GIB, cpu / GIB))
+    return rows
+
+
+def markdown_table(rows: list[Row], counts: dict[str, ParamCount]) -> str:
+    out = ["| model | params | largest layer | nodes x GPUs | offload | per GPU | CPU per node |",
+           "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        c = counts[r.model]
+        offload = ("params + optimizer" if r.offload_param
+                   else "optimizer" if r.offload_optimizer else "none")
+        out.append(f"| Qwen2-VL-{r.model.upper()} | {c.total / 1e9:.3f} B | "
+                   f"{c.largest_layer / 1e6:.0f} M | {r.nodes} x {r.gpus_per_node} | {offload} | "
+                   f"{r.gpu_gib:.1f} GiB | {r.cpu_gib:.1f} GiB |")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", choices=sorted(QWEN2_VL), help="default: every default setup")
+    p.add_argument("--nodes", type=int, help="default: 1 for 2b, 1 and 2 for 7b")
+    p.add_argument("--gpus_per_node", type=int, help="default: 8")
+    p.add_argument("--markdown", action="store_true", help="print only the summary table")
+    p.add_argument("--formula", action="store_true",
+                   help="count with the closed form instead of instantiating on the meta device")
+    p.add_argument("--check", action="store_true",
+                   help="also compare the meta-device count with the closed form")
+    args = p.parse_args(argv)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # only the estimator is used; no device probe
+
+    if args.model is None and args.nodes is None and args.gpus_per_node is None:
+        setups = list(DEFAULT_SETUPS)
+    else:
+        models = [args.model] if args.model else sorted(QWEN2_VL)
+        setups = []
+        for m in models:
+            node_list = [args.nodes] if args.nodes else [n for mm, n, _ in DEFAULT_SETUPS if mm == m]
+            setups += [(m, n, args.gpus_per_node or 8) for n in node_list]
+
+    counts: dict[str, ParamCount] = {}
+    for m in dict.fromkeys(m for m, _, _ in setups):
+        counts[m] = count_params_formula(m) if args.formula else count_params(m)
+        if args.check:
+            f = count_params_formula(m)
+            ok = (f.total, f.largest_layer) == (counts[m].total, counts[m].largest_layer)
+            print(f"{m}: {counts[m].method} {counts[m].total:,} / {counts[m].largest_layer:,}; "
+                  f"formula {f.total:,} / {f.largest_layer:,}: {'match' if ok else 'MISMATCH'}")
+            if not ok:
+                return 1
+
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs_all_cold
+
+    rows: list[Row] = []
+    for m, nodes, gpn in setups:
+        c = counts[m]
+        rows += estimate_rows(m, c, nodes, gpn)
+        if args.markdown:
+            continue
+        print(f"\n== {QWEN2_VL[m]['name']}: {c.total:,} parameters ({c.method}); largest layer "
+              f"{c.largest_layer_name} {c.largest_layer:,}")
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            estimate_zero3_model_states_mem_needs_all_cold(
+                total_params=c.total, largest_layer_params=c.largest_layer,
+                num_gpus_per_node=gpn, num_nodes=nodes)
+        print(buf.getvalue().rstrip())
+    if not args.markdown:
+        print("\nSummary (zero_init=1; model states only, activations not included):")
+    print(markdown_table(rows, counts))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
