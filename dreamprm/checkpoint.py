@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from dreamprm.config import ConfigError
+
 MANIFEST = "manifest.json"
 ENGINE_TAG = "engine"
 
@@ -96,7 +98,7 @@ class Checkpointer:
         """Restore the engine and this rank's RNG; returns the trainer state."""
         folder = Path(folder)
         if not (folder / MANIFEST).is_file():
-            raise FileNotFoundError(f"{folder}: not a complete checkpoint ({MANIFEST} is missing)")
+            raise ConfigError(f"--resume {folder}: not a complete checkpoint ({MANIFEST} is missing)")
         manifest = json.loads((folder / MANIFEST).read_text())
         trainer_state = torch.load(folder / "trainer_state.pt", weights_only=True)
         self.engine.load_checkpoint(str(folder), ENGINE_TAG)

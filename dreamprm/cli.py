@@ -5,20 +5,22 @@ import sys
 
 from dreamprm.config import ConfigError, parse_args
 from dreamprm.data.records import DataValidationError
+from dreamprm.preemption import EXIT_PREEMPTED, StopRequest
 
 EXIT_USER_ERROR = 2
 
 
 def run_training(argv: list[str]) -> int:
+    stop = StopRequest().install()
     config = parse_args(argv)
     from dreamprm.distributed.engine import init_distributed, shutdown
     from dreamprm.trainer import Trainer, TrainingAborted
 
-    info = init_distributed(config.run.device)
+    info = init_distributed(config.run.device, timeout_s=config.run.dist_timeout)
     code = 0
     try:
-        code = Trainer(config, info).train()
-    except (ConfigError, DataValidationError, FileNotFoundError) as err:
+        code = Trainer(config, info, stop).train()
+    except (ConfigError, DataValidationError) as err:
         if info.rank == 0:
             print(f"error: {err}", file=sys.stderr, flush=True)
         code = EXIT_USER_ERROR
@@ -26,7 +28,7 @@ def run_training(argv: list[str]) -> int:
         print(f"error: {err}", file=sys.stderr, flush=True)
         code = 1
     finally:
-        shutdown(clean=code in (0, 75, EXIT_USER_ERROR))
+        shutdown(clean=code in (0, EXIT_PREEMPTED, EXIT_USER_ERROR))
     return code
 
 

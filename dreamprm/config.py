@@ -92,6 +92,9 @@ class RunConfig:
     log_every: int = _f(10, "log scalars every N lower-level steps")
     max_bad_steps: int = _f(5, "stop after this many consecutive non-finite losses or hypergradients")
     export: bool = _f(True, "export the trained PRM in Hugging Face form at the end")
+    dist_timeout: int = _f(600, "seconds a collective may wait for a missing rank before the job fails")
+    inject_nonfinite: str | None = _f(None, "fault injection for tests: make rank 0's loss non-finite at these "
+                                      "optimiser steps, e.g. 'lower:5,6;upper:2' (upper: the n-th upper step)")
 
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "bilevel": BilevelConfig, "run": RunConfig}

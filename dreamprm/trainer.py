@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import signal
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -36,9 +35,9 @@ from dreamprm.losses import domain_loss_sums, per_sample_mse, weighted_training_
 from dreamprm.metrics import MetricsLogger
 from dreamprm.model.loading import build_prm, check_model_dir, export_prm
 from dreamprm.model.processor import load_processor
+from dreamprm.preemption import EXIT_PREEMPTED, StopRequest
 from dreamprm.summary import write_domain_weight_summary
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: the job script requeues on it
 TINY_MODEL_DIR = REPO_ROOT / "runs" / "tiny-qwen2vl"
 
 
@@ -55,7 +54,8 @@ class TrainState:
     train_batch: int = 0  # batches of train_epoch already consumed
     meta_epoch: int = 0
     meta_batch: int = 0
-    bad_in_a_row: int = 0
+    bad_lower_in_a_row: int = 0
+    bad_upper_in_a_row: int = 0
     skipped_lower: int = 0
     skipped_upper: int = 0
     samples: int = 0
@@ -87,6 +87,20 @@ def resolve_reward_model(name: str, rank: int) -> str:
     return str(TINY_MODEL_DIR)
 
 
+def parse_fault_plan(spec: str | None) -> dict[str, set[int]]:
+    """'lower:5,6;upper:2' → {"lower": {5, 6}, "upper": {2}} (see --inject_nonfinite)."""
+    plan: dict[str, set[int]] = {"lower": set(), "upper": set()}
+    for part in filter(None, (spec or "").split(";")):
+        level, _, steps = part.partition(":")
+        if level not in plan or not steps:
+            raise ConfigError(f"--inject_nonfinite: expected 'lower:N,N;upper:N', got {spec!r}")
+        try:
+            plan[level].update(int(s) for s in steps.split(","))
+        except ValueError as err:
+            raise ConfigError(f"--inject_nonfinite: {err}") from err
+    return plan
+
+
 class Trainer:
     # --- configuration
     config: TrainConfig
@@ -106,8 +120,10 @@ class Trainer:
     # --- training state
     state: TrainState
 
-    def __init__(self, config: TrainConfig, info: DistInfo):
+    def __init__(self, config: TrainConfig, info: DistInfo, stop: StopRequest | None = None):
         self.config, self.info = config, info
+        self.stop = stop or StopRequest()
+        self.faults = parse_fault_plan(config.run.inject_nonfinite)
         run, bilevel = config.run, config.bilevel
         self.ds_config = resolve_ds_config(load_ds_config(run.deepspeed), config, world_size=info.world_size,
                                            on_gpu=info.device.type == "cuda", source=run.deepspeed)
@@ -131,9 +147,6 @@ class Trainer:
         self.checkpointer = Checkpointer(self.output / "checkpoints", self.engine)
         self._maybe_resume()
         self.logger = MetricsLogger(self.output, self.engine.is_main, run.iteration_num, self.state.step)
-        self._stop_signal: int | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._on_signal)
 
     # ------------------------------------------------------------------ construction
     def _load_records(self):
@@ -283,7 +296,8 @@ class Trainer:
             finished, stop = self.train_segment(window)
             if stop is not None:
                 self.save_checkpoint()
-                self.logger.info(f"signal {signal.Signals(stop).name}: checkpoint written at step {self.state.step}; exiting")
+                self.logger.info(f"{self.stop.name or 'signal'}: checkpoint written at step {self.state.step}; exiting "
+                                 f"with code {EXIT_PREEMPTED} so that the job is requeued")
                 self.logger.close()
                 return EXIT_PREEMPTED
         self.save_checkpoint()
@@ -310,49 +324,58 @@ class Trainer:
         return self.state.step >= run.iteration_num, None
 
     def lower_step(self, window: Window) -> tuple[dict[str, torch.Tensor], int | None] | None:
-        """One PRM optimiser step over `gradiant_accumulation` micro-batches with the current weights."""
+        """One PRM optimiser step over `gradiant_accumulation` micro-batches with the current weights.
+
+        Returns (last micro-batch, stop signal or None), or None when the data is exhausted.
+        """
         weights = self.domain_weights().detach().float().to(self.info.device)
         nonfinite = torch.zeros((), device=self.info.device)
-        batch = None
+        micro_batches = []
         for _ in range(self.engine.module_engine.gradient_accumulation_steps()):
             cpu_batch = self.next_train_batch()
             if cpu_batch is None:
                 return None
             batch = self.engine.to_device(cpu_batch)
             logits = self.engine.forward(model_inputs(batch))
+            if self.info.rank == 0 and self.state.step + 1 in self.faults["lower"]:
+                logits = logits * float("nan")
             per_sample = per_sample_mse(logits, batch["target"])
             loss = weighted_training_loss(per_sample, batch["domain"], weights)
             nonfinite += (~torch.isfinite(loss)).float()
-            if self.engine.is_accumulation_boundary():
+            boundary = self.engine.is_accumulation_boundary()
+            if boundary:
                 # One all-reduce per optimiser step decides for every rank: skip a non-finite
                 # update, and stop on a signal that reached any rank.
-                flags = torch.stack([nonfinite, torch.tensor(float(self._stop_signal or 0), device=self.info.device)])
-                flags = self.engine.all_reduce_max(flags)
-                self.engine.backward(torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0))
-                if flags[0] > 0:
-                    self.engine.skip_step()
-                    self._count_bad("lower")
-                else:
-                    self.engine.step()
-                    self.state.bad_in_a_row = 0
-                stop = int(flags[1].item()) or None
-            else:
-                self.engine.backward(loss)
-                self.engine.step()
-            self._accumulate(window, batch, per_sample, loss)
+                flags = self.engine.all_reduce_max(
+                    torch.stack([nonfinite, torch.tensor(float(self.stop.signum or 0), device=self.info.device)]))
+            self.engine.backward(torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0))
+            if not boundary:
+                self.engine.step()  # DeepSpeed counts micro-batches in step(); no update happens here
+            micro_batches.append((batch, per_sample, loss))
         self.state.step += 1
+        skip, stop = flags.tolist()  # the one host sync of a step
+        if skip > 0:
+            self.engine.skip_step()
+            self._count_bad("lower")
+        else:
+            self.engine.step()
+            self.state.bad_lower_in_a_row = 0
+            for batch, per_sample, loss in micro_batches:
+                self._accumulate(window, batch, per_sample, loss)
         if self.state.step % self.config.run.log_every == 0:
             self.log_window(window)
-        return batch, stop
+        return micro_batches[-1][0], int(stop) or None
 
     def run_upper_step(self, train_batch: dict[str, torch.Tensor]) -> None:
         b = self.config.bilevel
         meta_batch = self.engine.to_device(self.next_meta_batch())
+        inject = self.info.rank == 0 and self.state.upper_steps + 1 in self.faults["upper"]
         result = upper_step(self.engine, self.domain_weights, self.meta_optimizer, meta_batch, train_batch,
-                            method=b.hypergrad, radius=b.fd_radius, aggregation=b.aggregation)
+                            method=b.hypergrad, radius=b.fd_radius, aggregation=b.aggregation,
+                            meta_loss_scale=float("nan") if inject else 1.0)
         self.state.upper_steps += 1
         if result.applied:
-            self.state.bad_in_a_row = 0
+            self.state.bad_upper_in_a_row = 0
         else:
             self._count_bad("upper")
         if self.state.upper_steps % b.weight_check_every == 0:
@@ -360,19 +383,25 @@ class Trainer:
         self.log_upper(result)
 
     def _count_bad(self, level: str) -> None:
+        """Count a skipped update; too many in a row stop the run with a checkpoint of the last good state."""
         s = self.state
-        s.bad_in_a_row += 1
         if level == "lower":
             s.skipped_lower += 1
+            s.bad_lower_in_a_row += 1
+            in_a_row = s.bad_lower_in_a_row
         else:
             s.skipped_upper += 1
-        self.logger.info(f"step {s.step}: non-finite {level}-level value; update skipped on every rank "
-                         f"({s.bad_in_a_row} in a row)")
+            s.bad_upper_in_a_row += 1
+            in_a_row = s.bad_upper_in_a_row
+        where = f"step {s.step}" if level == "lower" else f"upper step {s.upper_steps} (after step {s.step})"
+        self.logger.info(f"{where}: non-finite {level}-level loss or hypergradient; update skipped on every rank "
+                         f"({in_a_row} in a row)")
         self.logger.scalars(s.step, {"faults/skipped_lower": s.skipped_lower, "faults/skipped_upper": s.skipped_upper})
-        if s.bad_in_a_row >= self.config.run.max_bad_steps:
+        if in_a_row >= self.config.run.max_bad_steps:
             folder = self.save_checkpoint()
-            raise TrainingAborted(f"{s.bad_in_a_row} non-finite updates in a row at step {s.step} (--max_bad_steps "
-                                  f"{self.config.run.max_bad_steps}); the last good state is saved in {folder}")
+            raise TrainingAborted(f"{in_a_row} non-finite {level}-level updates in a row at step {s.step} "
+                                  f"(--max_bad_steps {self.config.run.max_bad_steps}); nothing non-finite was applied "
+                                  f"and the last good state is saved in {folder}")
 
     def check_replicated_weights(self) -> None:
         checksum = self.domain_weights.checksum().reshape(1)
@@ -435,9 +464,6 @@ class Trainer:
         self.logger.flush()
         return folder
 
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        self._stop_signal = signum
-
     def finish(self) -> None:
         """Domain-weight summary and the exported PRM."""
         weights = self.domain_weights.as_dict()
@@ -447,7 +473,8 @@ class Trainer:
             state_dict = self.engine.consolidated_state_dict()
             if self.engine.is_main:
                 meta = {"base_model": self.reward_model, "domains": self.domains, "domain_weights": weights,
-                        "aggregation": self.config.bilevel.aggregation, "step": self.state.step}
+                        "aggregation": self.config.bilevel.aggregation, "step": self.state.step,
+                        "max_image_side": self.config.data.max_image_side}
                 export_prm(self.output / "export", state_dict, self.engine.module, self.processor, meta)
         self.logger.info(f"done at step {self.state.step}; domain weights: "
                          + ", ".join(f"{k}={v:.3f}" for k, v in weights.items()))

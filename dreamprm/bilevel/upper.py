@@ -35,10 +35,14 @@ class UpperResult:
     applied: bool  # False when a non-finite value skipped the update
 
 
-def meta_gradient(engine: Any, meta_batch: dict[str, torch.Tensor], aggregation: str) -> tuple[list[torch.Tensor], float]:
-    """v = ∂L_meta/∂θ (this rank's owned elements) and the global meta loss."""
+def meta_gradient(engine: Any, meta_batch: dict[str, torch.Tensor], aggregation: str,
+                  loss_scale: float = 1.0) -> tuple[list[torch.Tensor], float]:
+    """v = ∂L_meta/∂θ (this rank's owned elements) and the global meta loss.
+
+    `loss_scale` exists for fault-injection tests (a NaN on one rank must skip the update everywhere).
+    """
     logits = engine.forward(model_inputs(meta_batch))
-    loss = meta_loss(logits, meta_batch["item_index"], meta_batch["target"], aggregation)
+    loss = meta_loss(logits, meta_batch["item_index"], meta_batch["target"], aggregation) * loss_scale
     v = engine.backward_without_step(loss)
     total = engine.all_reduce_sum(loss.detach().double().reshape(1).clone())
     return v, float(total[0]) / engine.info.world_size
@@ -75,9 +79,9 @@ def exact_domain_dots(engine: Any, batch: dict[str, torch.Tensor], v: list[torch
 
 def upper_step(engine: Any, weights: DomainWeights, meta_optimizer: torch.optim.Optimizer,
                meta_batch: dict[str, torch.Tensor], train_batch: dict[str, torch.Tensor], *,
-               method: str, radius: float, aggregation: str) -> UpperResult:
+               method: str, radius: float, aggregation: str, meta_loss_scale: float = 1.0) -> UpperResult:
     num_domains = len(weights.names)
-    v, meta_loss_value = meta_gradient(engine, meta_batch, aggregation)
+    v, meta_loss_value = meta_gradient(engine, meta_batch, aggregation, meta_loss_scale)
     v_norm = math.sqrt(max(float(engine.global_dot(v, v)), 0.0))
     epsilon = None
     if method == "exact":

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText
 from transformers.utils import logging as hf_logging
 
+from dreamprm.config import ConfigError
 from dreamprm.model.prm import HeadType, ProcessRewardModel
 from dreamprm.model.processor import ImageOnlyQwen2VLProcessor, load_processor
 
@@ -30,10 +31,10 @@ def check_model_dir(path: str | Path) -> None:
     """A readable error for a --reward_model that is not a model directory."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"--reward_model {path}: no such directory (no hub downloads happen here: "
+        raise ConfigError(f"--reward_model {path}: no such directory (no hub downloads happen here: "
                                 "pass a local Qwen2-VL directory, or 'tiny' for the offline tiny model)")
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"--reward_model {path}: config.json is missing, so this is not a model directory")
+        raise ConfigError(f"--reward_model {path}: config.json is missing, so this is not a model directory")
 
 
 def load_backbone(path: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> torch.nn.Module:

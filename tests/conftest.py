@@ -1,0 +1,91 @@
+"""Shared test helpers: the repository, the interpreter, the tiny model, and running the real
+trainer in 1 or more processes (torchrun, as users do; DeepSpeed, gloo, CPU)."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+DEMO = REPO / "data" / "demo"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def base_env(**extra: str) -> dict[str, str]:
+    """Environment for child processes: one thread per rank, no hwloc GL probe, repo importable."""
+    env = dict(os.environ)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
+        env.pop(key, None)
+    env.update({"HWLOC_COMPONENTS": "-gl", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+                "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false",
+                "PATH": f"{Path(PYTHON).parent}:{env.get('PATH', '')}"})
+    env.update(extra)
+    return env
+
+
+def launch_command(script: str | Path, args: list[str], nproc: int = 1) -> list[str]:
+    """`torchrun --standalone` for several ranks, plain python for one."""
+    if nproc == 1:
+        return [PYTHON, str(script), *args]
+    return [PYTHON, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
+            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script), *args]
+
+
+def run_train(args: list[str], nproc: int = 1, timeout: int = 600, check: bool = True,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run launch/train.py for real; on failure the output is in the assertion message."""
+    proc = subprocess.run(launch_command(REPO / "launch" / "train.py", args, nproc), cwd=REPO,
+                          env=env or base_env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def read_scalars(logdir: str | Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def load_export(path: str | Path):
+    from dreamprm.model.loading import load_exported_prm
+    return load_exported_prm(path)
+
+
+def exported_tensors(path: str | Path) -> dict:
+    """Backbone + head tensors of an exported PRM, by name."""
+    from safetensors.torch import load_file
+    path = Path(path)
+    tensors = {f"backbone.{k}": v for k, v in load_file(str(path / "model.safetensors")).items()}
+    tensors.update({f"score_head.{k}": v for k, v in load_file(str(path / "score_head.safetensors")).items()})
+    return tensors
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A tiny random Qwen2-VL directory (built once per session)."""
+    from dreamprm.model.tiny import build_tiny_qwen2vl
+    return build_tiny_qwen2vl(tmp_path_factory.mktemp("tiny") / "tiny-qwen2vl")
+
+
+def small_run_args(model: Path, out: Path, *extra: str) -> list[str]:
+    """Flags for a short fp32 CPU run on the demo (fast, deterministic)."""
+    return ["--reward_model", str(model), "--weights_path", str(out), "--precision", "fp32",
+            "--lr", "1e-3", "--meta_lr", "0.05", "--log_every", "2", *extra]
+
+
+def read_json(path: str | Path):
+    return json.loads(Path(path).read_text())
