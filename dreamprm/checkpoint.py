@@ -16,7 +16,7 @@ import random
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -94,15 +94,33 @@ class Checkpointer:
         for stale in self.root.glob(".tmp-step_*"):
             shutil.rmtree(stale, ignore_errors=True)
 
-    def load(self, folder: str | Path) -> dict[str, Any]:
-        """Restore the engine and this rank's RNG; returns the trainer state."""
+    def load(self, folder: str | Path,
+             check: Callable[[Path, dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """Restore the engine and this rank's RNG; returns the trainer state.
+
+        Everything that can refuse the checkpoint runs before DeepSpeed touches the engine: the
+        manifest and its files, the world size (ZeRO shards and data positions are per rank), and
+        `check(folder, trainer_state)`, the caller's comparison of domains and model; otherwise a
+        checkpoint of another run fails inside DeepSpeed with a KeyError or a shape error.
+        """
         folder = Path(folder)
         if not (folder / MANIFEST).is_file():
             raise ConfigError(f"--resume {folder}: not a complete checkpoint ({MANIFEST} is missing)")
         manifest = json.loads((folder / MANIFEST).read_text())
+        missing = [f for f in manifest.get("files", []) if not (folder / f).is_file()]
+        if missing:
+            raise ConfigError(f"--resume {folder}: incomplete checkpoint: {len(missing)} file(s) of {MANIFEST} "
+                              f"are missing, e.g. {missing[0]}")
+        world_size = self.engine.info.world_size
+        if manifest["world_size"] != world_size:
+            raise ConfigError(f"--resume {folder}: the checkpoint belongs to a different run: world size: checkpoint "
+                              f"{manifest['world_size']} vs now {world_size} (ZeRO shards and data positions are "
+                              f"per rank; resume with {manifest['world_size']} ranks)")
         trainer_state = torch.load(folder / "trainer_state.pt", weights_only=True)
+        if check is not None:
+            check(folder, trainer_state)
         self.engine.load_checkpoint(str(folder), ENGINE_TAG)
         rank_file = folder / f"rank_{self.engine.info.rank}.pt"
-        if manifest["world_size"] == self.engine.info.world_size and rank_file.is_file():
+        if rank_file.is_file():
             set_rng_state(torch.load(rank_file, weights_only=True))
         return trainer_state

@@ -69,7 +69,10 @@ def init_distributed(device: str = "auto", timeout_s: int = 600) -> DistInfo:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     if not dist.is_initialized():
+        # Under mpirun, DeepSpeed's MPI discovery overwrites MASTER_PORT with `distributed_port`
+        # (default 29500): pass a MASTER_PORT the user set through, so that two jobs can share a node.
         deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=True,
+                                   distributed_port=int(os.environ.get("MASTER_PORT", "29500")),
                                    verbose=False, timeout=datetime.timedelta(seconds=timeout_s))
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK", rank)))

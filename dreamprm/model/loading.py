@@ -37,16 +37,20 @@ def check_model_dir(path: str | Path) -> None:
         raise ConfigError(f"--reward_model {path}: config.json is missing, so this is not a model directory")
 
 
-def load_backbone(path: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> torch.nn.Module:
+def load_backbone(path: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+                  attn_implementation: str | None = None) -> torch.nn.Module:
     """A Qwen2-VL / Qwen2.5-VL *ForConditionalGeneration from a local directory."""
     check_model_dir(path)
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     return AutoModelForImageTextToText.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code,
-                                                       local_files_only=True)
+                                                       local_files_only=True, **extra)
 
 
 def build_prm(path: str | Path, head: HeadType, *, seed: int, dtype: torch.dtype = torch.float32,
-              trust_remote_code: bool = False, gradient_checkpointing: bool = False) -> ProcessRewardModel:
-    backbone = load_backbone(path, dtype=dtype, trust_remote_code=trust_remote_code)
+              trust_remote_code: bool = False, gradient_checkpointing: bool = False,
+              attn_implementation: str | None = None) -> ProcessRewardModel:
+    backbone = load_backbone(path, dtype=dtype, trust_remote_code=trust_remote_code,
+                             attn_implementation=attn_implementation)
     if gradient_checkpointing:
         backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # The head is initialised from the seed alone, so every rank and every world size agree.

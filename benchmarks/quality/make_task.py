@@ -1,0 +1,230 @@
+#!/usr/bin/env python
+"""Deterministic generator of the domain-quality benchmark task: training domains whose label quality
+is known, a clean meta set, and a held-out Best-of-N test set with N = 8 candidates per question.
+
+The questions, images, chains of thought and simulated Monte Carlo labels come from the demo
+generator (`data/demo/make_demo.py`, imported, not copied): counting and comparing coloured shapes
+on a 3x3 grid; a simulated policy writes 2-4 step chains; a wrong chain has one wrong step and a
+wrong final answer; the policy hedges ("Maybe", "Probably", "I am not sure, but") in 85% of wrong
+steps and 5% of right ones, a lexical cue a tiny PRM learns in minutes on a CPU. 72% of each
+domain's chains contain a wrong step, which centres every domain's mean label near 0.5, the meta
+labels' mean (a domain whose mean label differs would be judged by its bias, not its information).
+
+Training domains (`dataset`), all drawn the same way, differing only in their labels:
+
+    clean      the simulated Monte Carlo accuracy of the prefix
+    noisy_20   20% of the labels replaced by the label of a random record of the same domain
+    noisy_50   50% likewise
+    noisy_80   80% likewise
+    inverted   1 - the true label
+
+Random-record replacement keeps each domain's label distribution and destroys only information
+(uniform random values would act like label smoothing, which a meta objective can prefer).
+
+Writes, under ``--out``:
+
+    images/*.png       56x56 scenes (train_<domain>_NNN, meta_NNN, test_NNN)
+    train.json         all five domains (lower level)
+    train_clean.json   the clean domain alone (the learnability check)
+    meta.json          clean meta chains, half right, half wrong (upper level)
+    test.json          Best-of-N candidates: N = 8 chains per question, 1-4 of them right
+    task.json          the manifest: seed, sizes, per-domain noise and label means
+
+    python benchmarks/quality/make_task.py --out runs/quality/task --seed 0
+
+The same seed and sizes give byte-identical files (`random.Random` seeded with strings, PIL, JSON
+with sorted keys).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import random
+import statistics
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent.parent
+
+
+def _load_demo_module():
+    spec = importlib.util.spec_from_file_location("make_demo", REPO / "data" / "demo" / "make_demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+demo = _load_demo_module()
+
+# Domain name -> (kind, fraction of labels replaced). `noise` is the quality axis of the benchmark:
+# the fraction of a domain's labels that carry no information, with the inverted domain (labels that
+# carry wrong information) ranked below the noisiest one.
+DOMAINS = {
+    "clean": ("clean", 0.0),
+    "noisy_20": ("replace", 0.2),
+    "noisy_50": ("replace", 0.5),
+    "noisy_80": ("replace", 0.8),
+    "inverted": ("inverted", 1.0),
+}
+# Share of training chains with a wrong step. The demo's 0.62 gives mean labels near 0.57 (a wrong
+# chain's prefixes before its wrong step score high); 0.72 centres them at 0.5 (measured on 2000
+# chains: 0.62 -> 0.571, 0.68 -> 0.539, 0.70 -> 0.517, 0.72 -> 0.510).
+P_CHAIN_ERROR = 0.72
+N_CANDIDATES = 8
+MAX_RIGHT = 4  # a test question has 1..MAX_RIGHT right candidates out of N_CANDIDATES
+
+
+def corrupt_labels(kind: str, fraction: float, records: list[dict], rng: random.Random) -> int:
+    """Corrupt one domain's `accuracy` labels in place; returns how many were changed.
+
+    'replace': each label, with probability `fraction`, becomes the (true) label of a random record
+    of the same domain. 'inverted': every label becomes 1 - label.
+    """
+    if kind == "clean":
+        return 0
+    if kind == "inverted":
+        for r in records:
+            r["accuracy"] = 1.0 - r["accuracy"]
+        return len(records)
+    pool = [r["accuracy"] for r in records]
+    changed = 0
+    for r in records:
+        if rng.random() < fraction:
+            r["accuracy"] = rng.choice(pool)
+            changed += 1
+    return changed
+
+
+def build_train(seed: int, out: Path, chains_per_domain: int) -> tuple[list[dict], dict[str, dict]]:
+    records: list[dict] = []
+    stats: dict[str, dict] = {}
+    for domain, (kind, fraction) in DOMAINS.items():
+        rng = random.Random(f"quality/{seed}/train/{domain}")
+        first = len(records)
+        # Exactly round((1 - P_CHAIN_ERROR) * n) right chains per domain: the domains' mean labels then
+        # differ by little more than the step-count draw, not by a binomial draw of right chains.
+        n_right = round((1.0 - P_CHAIN_ERROR) * chains_per_domain)
+        flags = [True] * n_right + [False] * (chains_per_domain - n_right)
+        rng.shuffle(flags)
+        for i, correct in enumerate(flags):
+            item = demo.new_item(rng, str(out), f"train_{domain}_{i:03d}")
+            steps, _, err = demo.sample_chain(item["scene"], item["plan"], item["gt"], rng, correct)
+            for sid in range(1, len(steps) + 1):
+                records.append({
+                    "id": f"{domain}-{i:03d}", "sid": sid, "input": item["question"],
+                    "add": "\n".join(f"Step {k + 1}: {s}" for k, s in enumerate(steps[:sid])),
+                    "image_path": item["image_path"], "dataset": domain,
+                    "accuracy": demo.mc_accuracy(len(steps), sid, err, rng), "ground_truth": item["gt"],
+                })
+        mine = records[first:]
+        true_labels = [r["accuracy"] for r in mine]
+        changed = corrupt_labels(kind, fraction, mine, random.Random(f"quality/{seed}/noise/{domain}"))
+        labels = [r["accuracy"] for r in mine]
+        stats[domain] = {
+            "kind": kind, "noise": fraction, "chains": chains_per_domain, "records": len(mine),
+            "labels_changed": changed, "label_mean": round(statistics.fmean(labels), 4),
+            # How much of the true label a domain's labels still carry (1 clean, 0 none, -1 inverted).
+            "label_truth_correlation": round(_pearson(true_labels, labels), 4),
+        }
+    return records, stats
+
+
+def _pearson(x: list[float], y: list[float]) -> float:
+    mx, my = statistics.fmean(x), statistics.fmean(y)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    sxx = sum((a - mx) ** 2 for a in x)
+    syy = sum((b - my) ** 2 for b in y)
+    return sxy / (sxx * syy) ** 0.5 if sxx > 0 and syy > 0 else 0.0
+
+
+def build_meta(seed: int, out: Path, n_meta: int) -> list[dict]:
+    rng = random.Random(f"quality/{seed}/meta")
+    flags = [True] * (n_meta // 2) + [False] * (n_meta - n_meta // 2)
+    rng.shuffle(flags)
+    records = []
+    for i, ok in enumerate(flags):
+        item = demo.new_item(rng, str(out), f"meta_{i:03d}")
+        steps, answer, _ = demo.sample_chain(item["scene"], item["plan"], item["gt"], rng, ok)
+        records.append({"id": f"meta-{i:03d}", "input": item["question"] + "\n\n" + demo.chain_text(steps, answer),
+                        "image_path": item["image_path"], "true_false": ok})
+    return records
+
+
+def build_test(seed: int, out: Path, n_questions: int) -> list[dict]:
+    """Best-of-N questions: N_CANDIDATES chains each, 1..MAX_RIGHT of them right, distinct texts."""
+    rng = random.Random(f"quality/{seed}/test")
+    records = []
+    for i in range(n_questions):
+        item = demo.new_item(rng, str(out), f"test_{i:03d}")
+        n_right = rng.randint(1, MAX_RIGHT)
+        flags = [True] * n_right + [False] * (N_CANDIDATES - n_right)
+        rng.shuffle(flags)
+        candidates, seen = [], set()
+        for ok in flags:
+            for _ in range(50):  # prefer distinct texts
+                steps, answer, _ = demo.sample_chain(item["scene"], item["plan"], item["gt"], rng, ok)
+                text = demo.chain_text(steps, answer)
+                if text not in seen:
+                    break
+            seen.add(text)
+            candidates.append({"text": text, "correct": ok})
+        records.append({"id": f"test-{i:03d}", "image_path": item["image_path"], "question": item["question"],
+                        "candidates": candidates, "ground_truth": item["gt"]})
+    return records
+
+
+def write_json(path: Path, obj) -> None:
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        f.write(json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=True))
+        f.write("\n")
+
+
+def make_task(out: str | Path, seed: int = 0, chains_per_domain: int = 48, n_meta: int = 96,
+              n_test: int = 64) -> dict:
+    """Write the task under `out`; returns the manifest (also written as task.json)."""
+    out = Path(out)
+    images = out / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    for name in sorted(os.listdir(images)):  # drop stale images of an earlier draw
+        if name.endswith(".png") and name.split("_")[0] in ("train", "meta", "test"):
+            os.remove(images / name)
+    train, domain_stats = build_train(seed, out, chains_per_domain)
+    meta = build_meta(seed, out, n_meta)
+    test = build_test(seed, out, n_test)
+    write_json(out / "train.json", train)
+    write_json(out / "train_clean.json", [r for r in train if r["dataset"] == "clean"])
+    write_json(out / "meta.json", meta)
+    write_json(out / "test.json", test)
+    right = [sum(c["correct"] for c in q["candidates"]) for q in test]
+    manifest = {
+        "seed": seed, "domains": domain_stats, "train_records": len(train),
+        "meta": {"chains": len(meta), "true": sum(r["true_false"] for r in meta),
+                 "label_mean": round(sum(r["true_false"] for r in meta) / len(meta), 4)},
+        "test": {"questions": len(test), "n": N_CANDIDATES, "right_per_question": [min(right), max(right)],
+                 "random_pick": round(sum(right) / (N_CANDIDATES * len(test)), 4)},
+    }
+    write_json(out / "task.json", manifest)
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--out", default=str(REPO / "runs" / "quality" / "task"), help="output folder")
+    parser.add_argument("--seed", type=int, default=0, help="task seed (images, chains, labels, noise)")
+    parser.add_argument("--chains_per_domain", type=int, default=48, help="training chains per domain")
+    parser.add_argument("--meta", type=int, default=96, help="meta chains (half right)")
+    parser.add_argument("--test", type=int, default=64, help="Best-of-N test questions")
+    args = parser.parse_args(argv)
+    manifest = make_task(args.out, args.seed, args.chains_per_domain, args.meta, args.test)
+    for name, d in manifest["domains"].items():
+        print(f"{name:>9}: {d['records']:4d} records, {d['labels_changed']:4d} labels changed, "
+              f"mean label {d['label_mean']:.3f}, correlation with the truth {d['label_truth_correlation']:+.2f}")
+    print(f"meta: {manifest['meta']['chains']} chains ({manifest['meta']['true']} right); test: "
+          f"{manifest['test']['questions']} questions x {manifest['test']['n']} (random pick "
+          f"{manifest['test']['random_pick']:.3f})")
+
+
+if __name__ == "__main__":
+    main()
