@@ -10,7 +10,7 @@ where ranks matter, 1 plain process where they do not. Signals and kills go to r
   report) and re-raises its own SIGTERM. The trainer's 75 reaches the job script only when the
   trainer is the task itself (srun, mpirun, plain python); see slurm/README.md.
 
-Runs are small (``--batch_size 2 --unroll_steps 2``, 12 steps, fp32) and shared between tests by
+Runs are small (``--batch_size 2 --unroll_steps 2``, 10 steps, fp32) and shared between tests by
 module fixtures; ``--weight_check_every 1`` makes every upper step all-reduce a checksum of the domain
 weights and fail the run if the ranks disagree.
 """
@@ -37,11 +37,12 @@ from conftest import (DEMO, PYTHON, REPO, base_env, exported_tensors, launch_com
                       run_train, small_run_args)
 from dreamprm.checkpoint import MANIFEST, complete_checkpoints
 
-N = 12
+N = 10
 STEP_FLAGS = ("--batch_size", "2", "--unroll_steps", "2", "--weight_check_every", "1")
 FAULTS = ("--inject_nonfinite", "lower:3;upper:2")  # rank 0 alone gets the NaN
 EXIT_PREEMPTED = 75
 DEAD_RANK_LIMIT_S = 60
+KILL_STEPS = 6
 
 
 def flags(model: Path, out: Path, *extra: str, steps: int = N) -> list[str]:
@@ -143,7 +144,7 @@ def trainer_state(checkpoint: Path) -> dict:
 # ====================================================================== numerical faults
 @pytest.fixture(scope="module")
 def reference(tiny_model, tmp_path_factory) -> Path:
-    """2 ranks, 12 steps without interruption; NaN on rank 0 at lower step 3 and upper step 2."""
+    """2 ranks, N steps without interruption; NaN on rank 0 at lower step 3 and upper step 2."""
     out = tmp_path_factory.mktemp("reference")
     proc = run_train(flags(tiny_model, out, *FAULTS), nproc=2)
     (out / "stdout.txt").write_text(proc.stdout)
@@ -284,6 +285,9 @@ class KilledInSave:
     out: Path
     partial: list[str]  # what the kill left besides complete checkpoints
     newest_before: Path  # the newest complete checkpoint right after the kill
+    newest_manifest: dict
+    newest_files_present: bool  # every file its manifest lists exists
+    newest_step: int  # the step in its trainer_state.pt (loaded with weights_only=True)
     resumed: subprocess.CompletedProcess
     loads: list[dict]  # torch.load calls of the resumed run
 
@@ -309,7 +313,7 @@ def killed_in_save(tiny_model, tmp_path_factory) -> KilledInSave:
     a later save would have left is added, and the run is resumed with --resume auto to the end."""
     base = tmp_path_factory.mktemp("killed_in_save")
     out, root = base / "run", base / "run" / "checkpoints"
-    args = flags(tiny_model, out, "--save_every_iterations", "1", steps=10)
+    args = flags(tiny_model, out, "--save_every_iterations", "1", steps=KILL_STEPS)
     job = Job(args, 1, base / "logs")
     job.wait_for(lambda: complete_checkpoints(root) and list(root.glob(".tmp-step_*")),
                  "a save after a complete checkpoint", poll=0.002)
@@ -317,6 +321,9 @@ def killed_in_save(tiny_model, tmp_path_factory) -> KilledInSave:
     assert job.wait(30) == -signal.SIGKILL
     partial = sorted(p.name for p in root.iterdir() if p.name.startswith(".tmp-") or not (p / MANIFEST).is_file())
     newest = complete_checkpoints(root)[-1]
+    manifest = read_json(newest / MANIFEST)
+    present = all((newest / f).is_file() for f in manifest["files"])
+    step = trainer_state(newest)["state"]["step"]
     # What a kill in a later save would leave: a temporary folder, and a renamed one without manifest.
     shutil.copytree(newest, root / ".tmp-step_00000099")
     (root / "step_00000050").mkdir()
@@ -330,27 +337,25 @@ def killed_in_save(tiny_model, tmp_path_factory) -> KilledInSave:
                              timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     loads = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-    return KilledInSave(out, partial, newest, resumed, loads)
+    return KilledInSave(out, partial, newest, manifest, present, step, resumed, loads)
 
 
 def test_kill_during_save_leaves_the_previous_checkpoint_loadable(killed_in_save):
     assert killed_in_save.partial, "the kill did not land inside a save"
     assert all(p.startswith(".tmp-step_") or p.startswith("step_") for p in killed_in_save.partial)
-    newest = killed_in_save.newest_before
-    manifest = read_json(newest / MANIFEST)
-    assert all((newest / f).is_file() for f in manifest["files"])
-    state = trainer_state(newest)
-    assert state["state"]["step"] == manifest["step"] == int(newest.name.split("_")[1])
+    k = killed_in_save
+    assert k.newest_files_present
+    assert k.newest_step == k.newest_manifest["step"] == int(k.newest_before.name.split("_")[1])
 
 
 def test_resume_auto_picks_the_newest_complete_checkpoint(killed_in_save):
     newest = killed_in_save.newest_before
     output = killed_in_save.resumed.stdout
     assert f"resumed from {newest} at step {int(newest.name.split('_')[1])}" in output, output[-2000:]
-    assert "done at step 10" in output
+    assert f"done at step {KILL_STEPS}" in output
     root = killed_in_save.out / "checkpoints"
     assert not list(root.glob(".tmp-*")), "stale temporary folders are removed at the next save"
-    assert [c.name for c in complete_checkpoints(root)] == ["step_00000008", "step_00000009", "step_00000010"]
+    assert [c.name for c in complete_checkpoints(root)] == [f"step_{s:08d}" for s in range(KILL_STEPS - 2, KILL_STEPS + 1)]
     assert not (root / "step_00000050" / MANIFEST).exists()
 
 
@@ -391,11 +396,11 @@ def refusals(tiny_model, tmp_path_factory, killed_in_save, reference) -> dict[st
     for name in ("config.json", "domains.json"):
         shutil.copy(run_dir / name, tmp / "before" / name)
     cases = {
-        # the job script's resume with changed data: the same --weights_path, --resume auto
-        "domains": flags(tiny_model, run_dir, "--train_json_file", str(other_domain_set(tmp)),
-                         "--image_root", str(DEMO), "--resume", "auto", steps=10),
-        "reward_model": flags(model_copy, tmp / "reward_model", "--resume", str(one_rank), steps=10),
-        "head": flags(tiny_model, tmp / "head", "--head", "hidden", "--resume", str(one_rank), steps=10),
+        # The job script's resume (same --weights_path, --resume auto) with other data and the same
+        # model in another folder: both differences are named.
+        "domains+reward_model": flags(model_copy, run_dir, "--train_json_file", str(other_domain_set(tmp)),
+                                      "--image_root", str(DEMO), "--resume", "auto", steps=KILL_STEPS),
+        "head": flags(tiny_model, tmp / "head", "--head", "hidden", "--resume", str(one_rank), steps=KILL_STEPS),
         "world size": flags(tiny_model, tmp / "world_size", "--resume", str(two_ranks)),
     }
     with ThreadPoolExecutor(max_workers=2) as pool:
@@ -411,13 +416,11 @@ def assert_refused(proc: subprocess.CompletedProcess, key: str) -> None:
     assert "Traceback" not in proc.stderr
 
 
-def test_resume_with_another_domain_set_is_refused(refusals):
-    assert_refused(refusals["domains"], "domains")
-    assert "'noisy_80': 3} vs data" in refusals["domains"].stderr
-
-
-def test_resume_with_another_reward_model_is_refused(refusals):
-    assert_refused(refusals["reward_model"], "reward_model")
+def test_resume_with_another_domain_set_or_reward_model_is_refused(refusals):
+    proc = refusals["domains+reward_model"]
+    assert_refused(proc, "domains")
+    assert "'noisy_80': 3} vs data" in proc.stderr
+    assert "; reward_model: checkpoint" in proc.stderr and "same-model-elsewhere'" in proc.stderr
 
 
 @pytest.mark.xfail(strict=True, reason=(
@@ -439,7 +442,7 @@ def test_resume_with_another_world_size_is_refused(refusals):
     "_maybe_resume() refuses the checkpoint, so a refused `--resume auto` leaves the run folder describing "
     "data its checkpoints do not hold. Fix: write both files after _maybe_resume() in Trainer.__init__"))
 def test_refused_resume_leaves_the_run_folder_untouched(refusals, killed_in_save):
-    assert refusals["domains"].returncode == 2
+    assert refusals["domains+reward_model"].returncode == 2
     for name in ("config.json", "domains.json"):
         assert (killed_in_save.out / name).read_text() == (refusals["before"] / name).read_text(), name
 
