@@ -35,3 +35,9 @@ def run_training(argv: list[str]) -> int:
 def main_train() -> None:
     """Console script `dreamprm-train` (one process, or under torchrun/mpirun/srun)."""
     sys.exit(run_training(sys.argv[1:]))
+
+
+def main_select() -> None:
+    """Console script `dreamprm-select` (Best-of-N selection with an exported PRM)."""
+    from dreamprm.select import main
+    sys.exit(main(sys.argv[1:]))

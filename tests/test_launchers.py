@@ -1,0 +1,263 @@
+"""The trainer under every launcher cluster users start DeepSpeed jobs with, 2 real processes each.
+
+* `mpirun -np 2`: no RANK/WORLD_SIZE in the environment; DeepSpeed's MPI discovery (mpi4py) finds
+  the ranks, and MASTER_PORT is taken from the environment (`-x MASTER_PORT=...`).
+* `accelerate launch --config_file ds_configs/accelerate_zero3.yaml --num_processes 2`.
+* `deepspeed --num_gpus 2` (on CPU too).
+* `deepspeed --hostfile` with two "nodes" on this machine, started without ssh (`--no_ssh`, one
+  launcher per node with its `--node_rank`), and, where passwordless ssh and pdsh exist, the
+  classic one-command form.
+
+Each run: exit 0, world size 2 in config.json, TensorBoard scalars of both levels, the exported
+PRM; and the same flags give bit-identical exported parameters under every launcher (same ranks,
+same global batch, same seed, CPU).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import PYTHON, REPO, base_env, exported_tensors, free_port, read_json, read_scalars  # noqa: E402
+
+TRAIN = str(REPO / "launch" / "train.py")
+ACCELERATE_YAML = REPO / "ds_configs" / "accelerate_zero3.yaml"
+ITERATIONS = 12
+RUN_TIMEOUT_S = 300
+ROOT_MPI = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+
+
+def train_args(model: Path, out: Path, *extra: str) -> list[str]:
+    return ["--reward_model", str(model), "--weights_path", str(out), "--precision", "fp32",
+            "--batch_size", "2", "--unroll_steps", "2", "--iteration_num", str(ITERATIONS),
+            "--lr", "1e-3", "--meta_lr", "0.05", "--log_every", "2", *extra]
+
+
+def _bin(name: str) -> list[str]:
+    """A console script of this interpreter's environment (deepspeed, accelerate)."""
+    path = Path(PYTHON).parent / name
+    return [str(path)] if path.exists() else [shutil.which(name) or name]
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a launcher and everything it started (workers may sit in sessions of their own;
+    a stuck mpirun only yields to SIGKILL)."""
+    for pid in [*_descendants(proc.pid), proc.pid]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+
+
+@dataclass
+class Run:
+    name: str
+    cmd: list[str]
+    out: Path
+    returncode: int
+    output: str
+    seconds: float
+
+
+def launch(name: str, cmds: list[list[str]], out: Path, env: dict[str, str] | None = None) -> Run:
+    """Start the commands together (one per simulated node), wait for all; kill all on timeout."""
+    started = time.monotonic()
+    logs = [out.parent / f"{name}.{i}.log" for i in range(len(cmds))]
+    procs = []
+    try:
+        for cmd, log in zip(cmds, logs):
+            with open(log, "w") as f:
+                procs.append(subprocess.Popen(cmd, cwd=REPO, env=env or base_env(), stdout=f,
+                                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
+        deadline = started + RUN_TIMEOUT_S
+        for p in procs:
+            p.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                _kill_tree(p)
+    output = "".join(log.read_text(errors="replace") for log in logs)
+    rc = max((abs(p.returncode) for p in procs), default=1)
+    seconds = time.monotonic() - started
+    print(f"\n{name}: exit {rc} in {seconds:.0f} s: {' '.join(cmds[0])}")
+    return Run(name, cmds[0], out, rc, output, seconds)
+
+
+def check_run(run: Run) -> None:
+    assert run.returncode == 0, f"{run.name} failed ({run.returncode}):\n{run.output[-8000:]}"
+    config = read_json(run.out / "config.json")
+    assert config["world_size"] == 2
+    assert config["deepspeed_resolved"]["zero_optimization"]["stage"] == 3
+    assert config["deepspeed_resolved"]["train_batch_size"] == 4  # 2 per rank x 2 ranks
+    assert "on 2 rank(s)" in run.output and f"done at step {ITERATIONS}" in run.output
+    scalars = read_scalars(run.out / "tb")
+    for tag in ("train/loss", "meta/loss"):
+        assert scalars.get(tag), (tag, sorted(scalars))
+    for domain in read_json(run.out / "domains.json"):
+        assert scalars.get(f"domain_weight/{domain}"), sorted(scalars)
+    assert (run.out / "export" / "model.safetensors").is_file()
+    assert (run.out / "export" / "score_head.safetensors").is_file()
+
+
+RUNS: dict[str, Run] = {}  # successful runs of this module, for the cross-launcher comparison
+
+
+def _record(run: Run) -> Run:
+    check_run(run)
+    RUNS[run.name] = run
+    return run
+
+
+# ----------------------------------------------------------------------------------- mpirun
+def _mpi_missing() -> str:
+    if shutil.which("mpirun") is None:
+        return "mpirun not found (apt-get install openmpi-bin libopenmpi-dev)"
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        return "mpi4py is not installed (DeepSpeed's MPI discovery needs it)"
+    return ""
+
+
+@pytest.mark.skipif(bool(_mpi_missing()), reason=_mpi_missing() or "-")
+def test_mpirun_discovers_ranks_through_mpi4py(tiny_model, tmp_path):
+    out = tmp_path / "out"
+    port = free_port()
+    # mpirun sets only OMPI_COMM_WORLD_*; base_env() removes RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*.
+    env = base_env(MASTER_PORT=str(port), **(ROOT_MPI if os.geteuid() == 0 else {}))
+    cmd = ["mpirun", "-np", "2", "--oversubscribe", "--bind-to", "none",
+           "-x", "MASTER_PORT", "-x", "HWLOC_COMPONENTS", "-x", "PATH", "-x", "PYTHONPATH",
+           "-x", "OMP_NUM_THREADS", PYTHON, TRAIN, *train_args(tiny_model, out)]
+    _record(launch("mpirun", [cmd], out, env))
+
+
+# ------------------------------------------------------------------------------- accelerate
+def test_accelerate_launch_with_the_zero3_config(tiny_model, tmp_path):
+    out = tmp_path / "out"
+    cmd = [PYTHON, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_YAML),
+           "--num_processes", "2", "--main_process_port", str(free_port()),
+           TRAIN, *train_args(tiny_model, out)]
+    _record(launch("accelerate", [cmd], out))
+    # No --deepspeed typed: the trainer's default, which is the file the YAML names.
+    assert Path(read_json(out / "config.json")["run"]["deepspeed"]) == REPO / "ds_configs" / "zero3.json"
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "dreamprm/config.py defect: `accelerate launch` passes the YAML's deepspeed_config_file to the "
+    "processes as ACCELERATE_DEEPSPEED_CONFIG_FILE, but without a typed --deepspeed the trainer "
+    "silently uses its default ds_configs/zero3.json. Fix: in parse_args(), when 'deepspeed' is not "
+    "in the typed flags and ACCELERATE_DEEPSPEED_CONFIG_FILE is set, use it (see the report)."))
+def test_accelerate_config_file_reaches_the_trainer(tiny_model, tmp_path):
+    # A DeepSpeed config the trainer must refuse (train_batch_size 7 cannot be 2 x 1 rank): if the
+    # trainer reads the file accelerate was told about, it exits 2 at once, naming it.
+    ds = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+    ds["train_batch_size"] = 7
+    ds_file = tmp_path / "odd_zero3.json"
+    ds_file.write_text(json.dumps(ds))
+    yaml = tmp_path / "accelerate.yaml"
+    yaml.write_text(ACCELERATE_YAML.read_text().replace(
+        "deepspeed_config_file: ds_configs/zero3.json", f"deepspeed_config_file: {ds_file}"))
+    assert str(ds_file) in yaml.read_text()
+    out = tmp_path / "out"
+    cmd = [PYTHON, "-m", "accelerate.commands.launch", "--config_file", str(yaml),
+           "--num_processes", "1", "--main_process_port", str(free_port()),
+           TRAIN, *train_args(tiny_model, out, "--iteration_num", "2", "--unroll_steps", "1",
+                              "--no-export")]
+    run = launch("accelerate-config-file", [cmd], out)
+    assert run.returncode != 0 and f"{ds_file}: train_batch_size=7 conflicts" in run.output, (
+        f"exit {run.returncode}; the trainer used "
+        f"{read_json(out / 'config.json')['run']['deepspeed'] if (out / 'config.json').exists() else '?'}")
+
+
+# -------------------------------------------------------------------------------- deepspeed
+def test_deepspeed_launcher_num_gpus(tiny_model, tmp_path):
+    out = tmp_path / "out"
+    cmd = [*_bin("deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+           TRAIN, "--deepspeed", str(REPO / "ds_configs" / "zero3.json"), *train_args(tiny_model, out)]
+    run = _record(launch("deepspeed", [cmd], out))
+    assert "--local_rank=1" in run.output  # the launcher's flag, accepted by the trainer
+
+
+def test_deepspeed_hostfile_two_nodes_without_ssh(tiny_model, tmp_path):
+    """Two hostfile entries that are both this machine; each "node" runs its own launcher with
+    --no_ssh --node_rank N, as on a cluster without ssh between nodes."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
+    out = tmp_path / "out"
+    port = str(free_port())
+    cmds = [[*_bin("deepspeed"), "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node),
+             "--master_addr", "127.0.0.1", "--master_port", port,
+             TRAIN, "--deepspeed", str(REPO / "ds_configs" / "zero3.json"), *train_args(tiny_model, out)]
+            for node in (0, 1)]
+    run = _record(launch("deepspeed-hostfile", cmds, out))
+    assert "nnodes=2, num_local_procs=1, node_rank=0" in run.output
+    assert "nnodes=2, num_local_procs=1, node_rank=1" in run.output
+
+
+def _ssh_missing() -> str:
+    if shutil.which("pdsh") is None:
+        return "pdsh not installed (DeepSpeed's default multi-node launcher)"
+    try:
+        ok = subprocess.run(["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=3", "localhost", "true"],
+                            capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        ok = False
+    return "" if ok else "no passwordless ssh to localhost (deepspeed --hostfile starts remote ranks over ssh)"
+
+
+@pytest.mark.skipif(bool(_ssh_missing()), reason=_ssh_missing() or "-")
+def test_deepspeed_hostfile_over_ssh(tiny_model, tmp_path):
+    """The classic form: one command, pdsh starts a launcher on each host of the hostfile."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
+    out = tmp_path / "out"
+    cmd = [*_bin("deepspeed"), "--hostfile", str(hostfile), "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), TRAIN, "--deepspeed", str(REPO / "ds_configs" / "zero3.json"),
+           *train_args(tiny_model, out)]
+    _record(launch("deepspeed-ssh", [cmd], out))
+
+
+# ------------------------------------------------------------------------------- comparison
+def test_launchers_give_the_same_parameters():
+    if len(RUNS) < 2:
+        pytest.skip(f"needs 2 successful launcher runs in this session, got {sorted(RUNS)}")
+    names = sorted(RUNS)
+    ref_name = names[0]
+    ref = exported_tensors(RUNS[ref_name].out / "export")
+    weights = read_json(RUNS[ref_name].out / "domain_weights.json")["weights"]
+    for name in names[1:]:
+        other = exported_tensors(RUNS[name].out / "export")
+        assert other.keys() == ref.keys()
+        differ = [k for k in ref if not torch.equal(ref[k], other[k])]
+        assert not differ, f"{name} vs {ref_name}: {len(differ)} tensors differ, e.g. {differ[:3]}"
+        assert read_json(RUNS[name].out / "domain_weights.json")["weights"] == weights
+    print(f"\nbit-identical exports: {', '.join(names)}")
