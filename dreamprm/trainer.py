@@ -210,13 +210,13 @@ class Trainer:
         meta_set = MetaDataset(meta_records, d.max_image_side)
         self.train_sampler = DistributedBatchSampler(train_set.lengths(), o.batch_size, num_replicas=self.info.world_size,
                                                      rank=self.info.rank, seed=run.seed)
-        meta_lengths = meta_set.lengths() if len(meta_records) >= b.meta_batch_size * self.info.world_size else [0] * (
-            b.meta_batch_size * self.info.world_size)
-        self.meta_sampler = DistributedBatchSampler(meta_lengths, b.meta_batch_size, num_replicas=self.info.world_size,
-                                                    rank=self.info.rank, seed=run.seed + 1)
         loader_args = dict(collate_fn=collator, num_workers=d.num_workers, persistent_workers=False)
         self.train_loader = DataLoader(train_set, batch_sampler=self.train_sampler, **loader_args)
-        self.meta_loader = DataLoader(meta_set, batch_sampler=self.meta_sampler, **loader_args)
+        if not b.baseline:  # a vanilla PRM never reads meta batches
+            self.meta_sampler = DistributedBatchSampler(meta_set.lengths(), b.meta_batch_size,
+                                                        num_replicas=self.info.world_size, rank=self.info.rank,
+                                                        seed=run.seed + 1)
+            self.meta_loader = DataLoader(meta_set, batch_sampler=self.meta_sampler, **loader_args)
         self._train_iter: Iterator | None = None
         self._meta_iter: Iterator | None = None
 

@@ -105,3 +105,11 @@ def test_one_step_estimate_matches_the_true_one_step_unrolled_hypergradient():
     from benchmarks.unroll_fidelity import main as unroll
     (row,) = unroll(["--ks", "1", "--batch_size", "4", "--meta_batch_size", "2"])
     assert row["cosine"] >= 0.95, row
+
+
+def test_zero2_ranks_give_the_reference_hypergradient_too(tiny_model, tmp_path):
+    result = fidelity(tiny_model, tmp_path / "zero2.json", 2, "--reference", "--radii", "1e-3",
+                      "--deepspeed", str(REPO / "ds_configs" / "zero2.json"))
+    for name in ("exact", "fd@0.001"):
+        assert result["estimators"][name]["cosine_vs_reference"] >= 0.99, result["estimators"][name]
+        assert result["estimators"][name]["rel_error_vs_reference"] < 0.01

@@ -33,7 +33,7 @@ warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is depreca
 
 import deepspeed  # noqa: E402
 from deepspeed.accelerator import get_accelerator  # noqa: E402
-from deepspeed.utils import safe_get_full_grad, safe_get_local_fp32_param, safe_get_local_grad  # noqa: E402
+from deepspeed.utils import safe_get_full_grad, safe_get_local_grad  # noqa: E402
 
 
 def _skip_cpu_shm_comm_op() -> None:
@@ -276,8 +276,7 @@ class DistributedEngine:
             return o.param.ds_tensor.data.view(-1)[: o.hi]
         return o.param.data.view(-1)
 
-    def perturb(self, snapshot: list[torch.Tensor], direction: list[torch.Tensor], alpha: float,
-                *, compute_dtype_rounding: bool = True) -> None:
+    def perturb(self, snapshot: list[torch.Tensor], direction: list[torch.Tensor], alpha: float) -> None:
         """Set parameters to ``snapshot + alpha * direction`` (ZeRO-3: owned elements; else whole).
 
         The sum is formed in fp32 and stored in the parameter dtype: with bf16 parameters this is
@@ -309,12 +308,6 @@ class DistributedEngine:
                     full.copy_(p.ds_tensor.data)
                 p.data.copy_(full[: p.ds_numel].view_as(p.data))
 
-    def fp32_master_params(self) -> list[torch.Tensor] | None:
-        """This rank's owned fp32 master elements (ZeRO-3 with a mixed-precision optimiser), else None."""
-        if self.stage != 3 or self.compute_dtype == torch.float32:
-            return None
-        return [safe_get_local_fp32_param(o.param).reshape(-1)[o.lo:o.hi].float().clone() for o in self._owned]
-
     # ----- checkpoints and export
     def save_checkpoint(self, folder: str, tag: str, client_state: dict[str, Any]) -> None:
         self.module_engine.save_checkpoint(folder, tag=tag, client_state=client_state, save_latest=False)
@@ -332,10 +325,6 @@ class DistributedEngine:
             return self.module_engine._zero3_consolidated_16bit_state_dict()
         return {k: v.detach().cpu() for k, v in self.module.state_dict().items()} if self.is_main else None
 
-    def close(self) -> None:
-        if dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:
