@@ -368,11 +368,13 @@ class Trainer:
 
     def run_upper_step(self, train_batch: dict[str, torch.Tensor]) -> None:
         b = self.config.bilevel
+        started = time.perf_counter()
         meta_batch = self.engine.to_device(self.next_meta_batch())
         inject = self.info.rank == 0 and self.state.upper_steps + 1 in self.faults["upper"]
         result = upper_step(self.engine, self.domain_weights, self.meta_optimizer, meta_batch, train_batch,
                             method=b.hypergrad, radius=b.fd_radius, aggregation=b.aggregation,
                             meta_loss_scale=float("nan") if inject else 1.0)
+        seconds = time.perf_counter() - started  # synchronised: the result came through all-reduces
         self.state.upper_steps += 1
         if result.applied:
             self.state.bad_upper_in_a_row = 0
@@ -380,7 +382,7 @@ class Trainer:
             self._count_bad("upper")
         if self.state.upper_steps % b.weight_check_every == 0:
             self.check_replicated_weights()
-        self.log_upper(result)
+        self.log_upper(result, seconds)
 
     def _count_bad(self, level: str) -> None:
         """Count a skipped update; too many in a row stop the run with a checkpoint of the last good state."""
@@ -439,6 +441,8 @@ class Trainer:
         values = {"train/loss": loss_sum / samples, "train/weighted_loss": weighted_sum / samples,
                   "train/lr": self.engine.learning_rate(), "perf/samples_per_s": samples / elapsed,
                   "perf/tokens_per_s": tokens / elapsed}
+        if self.info.device.type == "cuda":
+            values["perf/peak_memory_gib"] = torch.cuda.max_memory_allocated(self.info.device) / 2**30
         for name, i in self.domains.items():
             if counts[i] > 0:
                 values[f"domain_loss/{name}"] = float(sums[i] / counts[i])
@@ -446,9 +450,9 @@ class Trainer:
         self.logger.progress(self.config.run.log_every, loss=values["train/loss"], samples_s=values["perf/samples_per_s"])
         window.__init__()
 
-    def log_upper(self, result: UpperResult) -> None:
+    def log_upper(self, result: UpperResult, seconds: float) -> None:
         step = self.state.step
-        values = {"meta/loss": result.meta_loss, "meta/v_norm": result.v_norm,
+        values = {"meta/loss": result.meta_loss, "meta/v_norm": result.v_norm, "perf/upper_step_s": seconds,
                   "hypergrad/norm": float(result.hypergradient.norm())}
         if result.epsilon is not None:
             values["hypergrad/epsilon"] = result.epsilon

@@ -19,7 +19,6 @@ Skipped (with the reason) when not root or Slurm/munge are missing; CI has both.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess

@@ -1,0 +1,133 @@
+#!/usr/bin/env python
+"""How much domain signal one upper step sees: the DARTS hypergradient's signal-to-noise ratio at
+fixed PRM parameters, from per-sample gradients (plain autograd, no DeepSpeed).
+
+With g_i = ∂loss_i/∂θ for every training record and u_j = ∂(score_j - label_j)²/∂θ for every meta
+chain, one upper step on a training batch B (N records) and a meta batch M computes
+
+    d_k = (1/N) Σ_{i∈B, domain k} ⟨g_i, v_M⟩,   v_M = (1/|M|) Σ_{j∈M} u_j,
+
+and, at uniform weights, the hypergradient moves domain k's logit by -(d_k - mean_k d) times a
+constant. This script computes D[i, j] = ⟨g_i, u_j⟩ once and draws many (B, M) pairs of the trainer's
+sizes from it: the mean of d_k - mean(d) is the signal, its spread over draws the noise, and
+P(right sign) how often one upper step moves domain k the way its quality says (clean up, the
+inverted and the noisiest down).
+
+    python benchmarks/quality/diagnose.py --prm /tmp/tiny0 --train runs/quality/task/train.json \\
+        --meta runs/quality/task/meta.json   # a model directory (seeded head) or an export/
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
+
+import torch  # noqa: E402
+
+from dreamprm.bilevel.upper import model_inputs  # noqa: E402
+from dreamprm.data.datasets import MetaDataset, PRMCollator, TrainDataset  # noqa: E402
+from dreamprm.data.records import domain_index, load_meta_records, load_train_records  # noqa: E402
+from dreamprm.losses import meta_loss, per_sample_mse  # noqa: E402
+
+
+def load_model(path: str, seed: int):
+    from dreamprm.model.loading import build_prm, load_exported_prm
+    from dreamprm.model.processor import load_processor
+    if (Path(path) / "prm_config.json").is_file():
+        model, processor, _ = load_exported_prm(path)
+        return model, processor
+    return build_prm(path, "logits", seed=seed), load_processor(path)
+
+
+def flat_grad(model, loss) -> torch.Tensor:
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params)])
+
+
+def dot_matrix(model, processor, train_file: str, meta_file: str):
+    """D [train records, meta chains], the domain index of each record, the train and meta losses."""
+    train = load_train_records(train_file)
+    meta = load_meta_records(meta_file)
+    domains = domain_index(train)
+    collate = PRMCollator(processor)
+    train_set, meta_set = TrainDataset(train, domains), MetaDataset(meta)
+    model.eval()  # no dropout in the tiny model either way; eval makes it explicit
+    u, meta_losses = [], []
+    for j in range(len(meta_set)):
+        batch = collate([meta_set[j]])
+        loss = meta_loss(model(**model_inputs(batch)), batch["item_index"], batch["target"])
+        meta_losses.append(float(loss))
+        u.append(flat_grad(model, loss))
+    u = torch.stack(u)  # (M, P)
+    rows, dom, train_losses = [], [], []
+    for i in range(len(train_set)):
+        batch = collate([train_set[i]])
+        loss = per_sample_mse(model(**model_inputs(batch)), batch["target"]).sum()
+        train_losses.append(float(loss))
+        rows.append(u @ flat_grad(model, loss))
+        dom.append(int(batch["domain"][0]))
+    return domains, torch.stack(rows).double(), torch.tensor(dom), train_losses, meta_losses
+
+
+def simulate(D: torch.Tensor, dom: torch.Tensor, k: int, batch: int, meta_batch: int, draws: int, seed: int):
+    """Centred directional derivatives d_k - mean(d) over `draws` random (train batch, meta batch) pairs."""
+    rng = random.Random(seed)
+    n, m = D.shape
+    out = torch.zeros(draws, k, dtype=torch.float64)
+    for t in range(draws):
+        b = torch.tensor(rng.sample(range(n), batch))
+        mm = torch.tensor(rng.sample(range(m), meta_batch))
+        per_record = D[b][:, mm].mean(dim=1) / batch  # (1/N) ⟨g_i, v_M⟩
+        d = torch.zeros(k, dtype=torch.float64).index_add(0, dom[b], per_record)
+        out[t] = d - d.mean()
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--prm", required=True, help="model directory (seeded head) or an exported PRM")
+    parser.add_argument("--train", required=True)
+    parser.add_argument("--meta", required=True)
+    parser.add_argument("--seed", type=int, default=1, help="head seed for a model directory")
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--meta_batch_size", type=int, default=8)
+    parser.add_argument("--draws", type=int, default=2000)
+    parser.add_argument("--out", default=None, help="JSON summary")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    model, processor = load_model(args.prm, args.seed)
+    domains, D, dom, train_losses, meta_losses = dot_matrix(model, processor, args.train, args.meta)
+    k = len(domains)
+    names = list(domains)
+    # Full-data signal: the centred d_k with every record and every meta chain.
+    per_record = D.mean(dim=1)
+    full = torch.zeros(k, dtype=torch.float64).index_add(0, dom, per_record) / len(dom)
+    full = full - full.mean()
+    sims = simulate(D, dom, k, args.batch_size, args.meta_batch_size, args.draws, args.seed)
+    mean, std = sims.mean(0), sims.std(0)
+    summary = {"prm": args.prm, "train_loss": sum(train_losses) / len(train_losses),
+               "meta_loss": sum(meta_losses) / len(meta_losses), "batch_size": args.batch_size,
+               "meta_batch_size": args.meta_batch_size, "domains": {}}
+    print(f"{args.prm}: train loss {summary['train_loss']:.4f}, meta loss {summary['meta_loss']:.4f}; "
+          f"one upper step = batch {args.batch_size} + meta batch {args.meta_batch_size}, {args.draws} draws")
+    print(f"{'domain':>10} {'full-data d_k-mean':>19} {'per-step mean':>14} {'per-step std':>13} {'SNR':>7} "
+          f"{'P(d_k>mean)':>12}")
+    for i, name in enumerate(names):
+        p_up = float((sims[:, i] > 0).double().mean())
+        snr = float(mean[i] / std[i]) if std[i] > 0 else float("nan")
+        summary["domains"][name] = {"full": float(full[i]), "mean": float(mean[i]), "std": float(std[i]),
+                                    "snr": snr, "p_up": p_up}
+        print(f"{name:>10} {float(full[i]):>+19.3e} {float(mean[i]):>+14.3e} {float(std[i]):>13.3e} {snr:>+7.3f} "
+              f"{p_up:>12.3f}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
