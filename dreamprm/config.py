@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -172,6 +173,10 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
                                   if isinstance(action, argparse.BooleanOptionalAction) else {"type": str}))
     explicit = frozenset(vars(typed.parse_known_args(argv)[0]))
     values = vars(args)
+    # `accelerate launch` hands its YAML's deepspeed_config_file to the processes only this way.
+    accelerate_ds = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if accelerate_ds and "deepspeed" not in explicit:
+        values["deepspeed"] = accelerate_ds
     config = TrainConfig(**{name: cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)})
                             for name, cls in SECTIONS.items()}, explicit_flags=explicit)
     try:

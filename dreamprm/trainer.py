@@ -144,8 +144,10 @@ class Trainer:
                                                 weight_decay=bilevel.meta_weight_decay)
         self._build_data(train_records, meta_records)
         self.state = TrainState()
+        self._saved: tuple[int, Path] | None = None  # (step, folder) of the last checkpoint written
         self.checkpointer = Checkpointer(self.output / "checkpoints", self.engine)
         self._maybe_resume()
+        self._write_run_description()
         self.logger = MetricsLogger(self.output, self.engine.is_main, run.iteration_num, self.state.step)
 
     # ------------------------------------------------------------------ construction
@@ -184,12 +186,15 @@ class Trainer:
         if problem:
             raise ConfigError(problem)
         self.config.run.weights_path = str(path)
+        return path
+
+    def _write_run_description(self) -> None:
+        """config.json and domains.json: written once a resume (if any) has been accepted."""
         if self.info.rank == 0:
-            (path / "config.json").write_text(json.dumps(
+            (self.output / "config.json").write_text(json.dumps(
                 {**self.config.to_dict(), "deepspeed_resolved": self.ds_config, "domains": self.domains,
                  "world_size": self.info.world_size}, indent=2, sort_keys=True))
-            (path / "domains.json").write_text(json.dumps(self.domains, indent=2))
-        return path
+            (self.output / "domains.json").write_text(json.dumps(self.domains, indent=2))
 
     def _build_engine(self) -> DistributedEngine:
         m, o = self.config.model, self.config.optim
@@ -231,8 +236,7 @@ class Trainer:
             folder = found[-1]
         else:
             folder = Path(resume)
-        trainer_state = self.checkpointer.load(folder)
-        self._check_compatible(folder, trainer_state)
+        trainer_state = self.checkpointer.load(folder, check=self._check_compatible)
         self.state = TrainState(**trainer_state["state"])
         self.domain_weights.load_state_dict(trainer_state["domain_weights"])
         self.meta_optimizer.load_state_dict(trainer_state["meta_optimizer"])
@@ -305,23 +309,32 @@ class Trainer:
         return 0
 
     def train_segment(self, window: Window) -> tuple[bool, int | None]:
-        """`unroll_steps` lower steps, then one upper step. Returns (finished, stop signal)."""
+        """Lower steps up to the next multiple of `unroll_steps`, then one upper step.
+
+        Segments end at multiples of --unroll_steps, so a run resumed mid-segment completes that
+        segment first and follows the uninterrupted trajectory exactly. A checkpoint due at a
+        segment's end is written after its upper step. Returns (finished, stop signal).
+        """
         run, bilevel = self.config.run, self.config.bilevel
-        last_batch = None
-        for _ in range(bilevel.unroll_steps):
+        remaining = bilevel.unroll_steps - self.state.step % bilevel.unroll_steps
+        for i in range(remaining):
             if self.state.step >= run.iteration_num:
                 return True, None
             result = self.lower_step(window)
             if result is None:
                 return True, None
             last_batch, stop = result
-            if self.state.step % run.save_every_iterations == 0:
-                self.save_checkpoint()
-            if stop is not None:
-                return False, stop
-        if not bilevel.baseline and last_batch is not None:
+            if i < remaining - 1:
+                if self.state.step % run.save_every_iterations == 0:
+                    self.save_checkpoint()
+                if stop is not None:
+                    return False, stop
+        if not bilevel.baseline:
             self.run_upper_step(last_batch)
-        return self.state.step >= run.iteration_num, None
+        if self.state.step % run.save_every_iterations == 0:
+            self.save_checkpoint()
+        finished = self.state.step >= run.iteration_num
+        return finished, None if finished else stop
 
     def lower_step(self, window: Window) -> tuple[dict[str, torch.Tensor], int | None] | None:
         """One PRM optimiser step over `gradiant_accumulation` micro-batches with the current weights.
@@ -464,9 +477,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoint and end
     def save_checkpoint(self) -> Path:
-        folder = self.checkpointer.save(self.state.step, self._trainer_state())
-        self.logger.flush()
-        return folder
+        """Checkpoint the current step (once: a second call at the same step returns the same folder)."""
+        if self._saved is None or self._saved[0] != self.state.step:
+            self._saved = (self.state.step, self.checkpointer.save(self.state.step, self._trainer_state()))
+            self.logger.flush()
+        return self._saved[1]
 
     def finish(self) -> None:
         """Domain-weight summary and the exported PRM."""

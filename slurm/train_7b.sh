@@ -37,7 +37,7 @@
 #   DS_CONFIG      --deepspeed; default: ds_configs/zero3.json
 #   MASTER_PORT    rendezvous port; default: 20000 + SLURM_JOB_ID % 12000
 #   MASTER_ADDR    rendezvous host; default: the first node's address
-#   EXTRA_ARGS     more trainer flags, word-split, e.g. "--lr 5e-6 --max_steps 1000"
+#   EXTRA_ARGS     more trainer flags, word-split, e.g. "--lr 5e-6 --iteration_num 20000"
 #   MAX_REQUEUES   stop requeueing after this many restarts; default: 20
 #
 # Preemption: SIGUSR1 reaches every rank 180 s (Slurm may add up to 60 s) before the time limit;

@@ -208,13 +208,6 @@ def test_sigusr1_checkpoints_requeues_and_resumes_by_itself(jobs):
     assert max(s for s, _ in read_scalars(job.out / "tb")["train/loss"]) == ITERATIONS
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "dreamprm/trainer.py defect (Trainer.train_segment): on a stop signal it returns before the "
-    "segment's upper step, and every call runs `unroll_steps` lower steps from wherever it starts, so "
-    "the run resumed from a checkpoint taken mid-segment (or at a segment's end, before its upper "
-    "step) shifts every later segment and skips one domain-weight update. Fix: run only the "
-    "remaining `unroll_steps - step % unroll_steps` lower steps, and at a segment's last lower step "
-    "run the upper step before the periodic checkpoint or the stop (see the report)."))
 def test_preempted_run_ends_with_the_uninterrupted_parameters(jobs):
     plain, preempted = jobs["plain"], jobs["preempted"]
     assert plain.returncode == 0 and preempted.returncode == 0

@@ -313,8 +313,27 @@ class DistributedEngine:
         self.module_engine.save_checkpoint(folder, tag=tag, client_state=client_state, save_latest=False)
 
     def load_checkpoint(self, folder: str, tag: str) -> dict[str, Any]:
-        path, client_state = self.module_engine.load_checkpoint(folder, tag=tag, load_optimizer_states=True,
-                                                                load_lr_scheduler_states=True)
+        """DeepSpeed's load, with every file read by ``torch.load(..., weights_only=True)``.
+
+        DeepSpeed's own reader unpickles arbitrary objects; its shards hold tensors, plain
+        containers and two DeepSpeed classes, which are the only ones allowed here.
+        """
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+
+        reader = self.module_engine.checkpoint_engine
+
+        def load_weights_only(path: str, map_location: Any = None) -> Any:
+            with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler]):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+        original = reader.load
+        reader.load = load_weights_only
+        try:
+            path, client_state = self.module_engine.load_checkpoint(folder, tag=tag, load_optimizer_states=True,
+                                                                    load_lr_scheduler_states=True)
+        finally:
+            reader.load = original
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint {folder}/{tag}")
         return client_state or {}
