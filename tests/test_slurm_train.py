@@ -37,7 +37,7 @@ from slurm_cluster import TERMINAL_STATES, LocalSlurm, slurm_available  # noqa: 
 _ok, _why = slurm_available()
 pytestmark = pytest.mark.skipif(not _ok, reason=_why)
 
-ITERATIONS = 20
+ITERATIONS = 40  # long enough that the signal lands mid-run on an idle machine too
 # The trainer's flags beyond what train_7b.sh passes itself: a short deterministic fp32 CPU run.
 EXTRA_ARGS = (f"--precision fp32 --batch_size 2 --unroll_steps 2 --iteration_num {ITERATIONS} "
               "--lr 1e-3 --meta_lr 0.05 --log_every 2")
@@ -130,7 +130,7 @@ def jobs(cluster, tiny_model, tmp_path_factory) -> dict[str, Job]:
             raise AssertionError(f"job {job_id} did not start training: {cluster.job(job_id)}\n"
                                  + _logs(submit_dir, job_id)[-6000:])
         time.sleep(0.2)
-    time.sleep(1.0)  # a few steps in
+    time.sleep(0.5)  # a few steps in
     cluster.signal(job_id, "USR1", target="steps")  # what `--signal=USR1@180` does
     signalled_at = time.monotonic()
 
