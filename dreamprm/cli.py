@@ -17,15 +17,16 @@ def run_training(argv: list[str]) -> int:
     from dreamprm.trainer import Trainer, TrainingAborted
 
     info = init_distributed(config.run.device, timeout_s=config.run.dist_timeout)
-    code = 0
+    code = 1  # an exception escaping train() must not wait in a clean shutdown's barrier
     try:
         code = Trainer(config, info, stop).train()
     except (ConfigError, DataValidationError) as err:
         if info.rank == 0:
             print(f"error: {err}", file=sys.stderr, flush=True)
         code = EXIT_USER_ERROR
-    except TrainingAborted as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
+    except TrainingAborted as err:  # every rank aborts together; one message is enough
+        if info.rank == 0:
+            print(f"error: {err}", file=sys.stderr, flush=True)
         code = 1
     finally:
         shutdown(clean=code in (0, EXIT_PREEMPTED, EXIT_USER_ERROR))

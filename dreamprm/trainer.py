@@ -149,6 +149,7 @@ class Trainer:
         self._maybe_resume()
         self._write_run_description()
         self.logger = MetricsLogger(self.output, self.engine.is_main, run.iteration_num, self.state.step)
+        self._logged_step = self.state.step
 
     # ------------------------------------------------------------------ construction
     def _load_records(self):
@@ -460,7 +461,9 @@ class Trainer:
             if counts[i] > 0:
                 values[f"domain_loss/{name}"] = float(sums[i] / counts[i])
         self.logger.scalars(self.state.step, values)
-        self.logger.progress(self.config.run.log_every, loss=values["train/loss"], samples_s=values["perf/samples_per_s"])
+        self.logger.progress(self.state.step - self._logged_step, loss=values["train/loss"],
+                             samples_s=values["perf/samples_per_s"])
+        self._logged_step = self.state.step
         window.__init__()
 
     def log_upper(self, result: UpperResult, seconds: float) -> None:
