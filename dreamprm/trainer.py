@@ -33,7 +33,7 @@ from dreamprm.distributed import engine as dist_engine
 from dreamprm.distributed.engine import DistInfo, DistributedEngine
 from dreamprm.losses import domain_loss_sums, per_sample_mse, weighted_training_loss
 from dreamprm.metrics import MetricsLogger
-from dreamprm.model.loading import build_prm, check_model_dir, export_prm
+from dreamprm.model.loading import build_prm, export_prm, resolve_model_dir
 from dreamprm.model.processor import load_processor
 from dreamprm.preemption import EXIT_PREEMPTED, StopRequest
 from dreamprm.summary import write_domain_weight_summary
@@ -133,7 +133,7 @@ class Trainer:
                 "εv is mostly rounded away (measured: 23-88% error at 2B). Use --hypergrad exact (the default, "
                 "ε-free, accurate in bf16) or --hypergrad fd_bf16_naive to reproduce the original.")
         self.reward_model = resolve_reward_model(config.model.reward_model, info.rank)
-        check_model_dir(self.reward_model)
+        self.reward_model = resolve_model_dir(self.reward_model)
         train_records, meta_records = self._load_records()
         self.domains = domain_index(train_records)
         self.output = self._prepare_output()

@@ -27,20 +27,31 @@ HEAD_FILE = "score_head.safetensors"
 hf_logging.disable_progress_bar()
 
 
-def check_model_dir(path: str | Path) -> None:
-    """A readable error for a --reward_model that is not a model directory."""
-    path = Path(path)
+def resolve_model_dir(name: str | Path) -> str:
+    """A local model directory for a path or a hub-style name (``Qwen/Qwen2-VL-2B-Instruct``).
+
+    A hub-style name is looked up in the local Hugging Face cache only: nothing is downloaded.
+    """
+    path = Path(name)
+    if not path.exists() and "/" in str(name) and not str(name).startswith(("/", ".")):
+        try:
+            from huggingface_hub import snapshot_download
+            path = Path(snapshot_download(str(name), local_files_only=True))
+        except Exception:  # not in the cache: reported below as a missing directory
+            pass
     if not path.exists():
-        raise ConfigError(f"--reward_model {path}: no such directory (no hub downloads happen here: "
-                                "pass a local Qwen2-VL directory, or 'tiny' for the offline tiny model)")
+        raise ConfigError(f"--reward_model {name}: no such directory, and not in the local Hugging Face cache "
+                          "(nothing is downloaded: pass a local Qwen2-VL directory, or 'tiny' for the offline "
+                          "tiny model)")
     if not (path / "config.json").is_file():
-        raise ConfigError(f"--reward_model {path}: config.json is missing, so this is not a model directory")
+        raise ConfigError(f"--reward_model {name}: config.json is missing, so this is not a model directory")
+    return str(path)
 
 
 def load_backbone(path: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
                   attn_implementation: str | None = None) -> torch.nn.Module:
     """A Qwen2-VL / Qwen2.5-VL *ForConditionalGeneration from a local directory."""
-    check_model_dir(path)
+    path = resolve_model_dir(path)
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     return AutoModelForImageTextToText.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code,
                                                        local_files_only=True, **extra)
