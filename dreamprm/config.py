@@ -176,7 +176,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     # `accelerate launch` hands its YAML's deepspeed_config_file to the processes only this way.
     accelerate_ds = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
     if accelerate_ds and "deepspeed" not in explicit:
-        values["deepspeed"] = accelerate_ds
+        values["deepspeed"] = str(Path(accelerate_ds).resolve())
     config = TrainConfig(**{name: cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)})
                             for name, cls in SECTIONS.items()}, explicit_flags=explicit)
     try:

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
 import torch  # noqa: E402
 
+from dreamprm.bilevel.aggregation import AGGREGATIONS  # noqa: E402
 from dreamprm.bilevel.upper import model_inputs  # noqa: E402
 from dreamprm.data.datasets import MetaDataset, PRMCollator, TrainDataset  # noqa: E402
 from dreamprm.data.records import domain_index, load_meta_records, load_train_records  # noqa: E402
@@ -49,7 +50,7 @@ def flat_grad(model, loss) -> torch.Tensor:
     return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params)])
 
 
-def dot_matrix(model, processor, train_file: str, meta_file: str):
+def dot_matrix(model, processor, train_file: str, meta_file: str, aggregation: str):
     """D [train records, meta chains], the domain index of each record, the train and meta losses."""
     train = load_train_records(train_file)
     meta = load_meta_records(meta_file)
@@ -60,7 +61,7 @@ def dot_matrix(model, processor, train_file: str, meta_file: str):
     u, meta_losses = [], []
     for j in range(len(meta_set)):
         batch = collate([meta_set[j]])
-        loss = meta_loss(model(**model_inputs(batch)), batch["item_index"], batch["target"])
+        loss = meta_loss(model(**model_inputs(batch)), batch["item_index"], batch["target"], aggregation)
         meta_losses.append(float(loss.detach()))
         u.append(flat_grad(model, loss))
     u = torch.stack(u)  # (M, P)
@@ -74,7 +75,8 @@ def dot_matrix(model, processor, train_file: str, meta_file: str):
     return domains, torch.stack(rows).double(), torch.tensor(dom), train_losses, meta_losses
 
 
-def lookahead(model, processor, train_file: str, meta_file: str, lr: float = 1e-3) -> dict[str, tuple[float, float]]:
+def lookahead(model, processor, train_file: str, meta_file: str, aggregation: str,
+              lr: float = 1e-3) -> dict[str, tuple[float, float]]:
     """Per domain: the full meta loss change after one plain gradient step of size `lr` on that domain's
     mean loss, (measured, first-order prediction -lr * <grad, v>). A sign check of the hypergradient
     that shares no code with it: the domain whose step lowers the meta loss should gain weight."""
@@ -87,7 +89,8 @@ def lookahead(model, processor, train_file: str, meta_file: str, lr: float = 1e-
     params = [p for p in model.parameters() if p.requires_grad]
 
     def meta_value():
-        return meta_loss(model(**model_inputs(meta_batch)), meta_batch["item_index"], meta_batch["target"])
+        return meta_loss(model(**model_inputs(meta_batch)), meta_batch["item_index"], meta_batch["target"],
+                         aggregation)
 
     v = flat_grad(model, meta_value())
     with torch.no_grad():
@@ -135,6 +138,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=1, help="head seed for a model directory")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--meta_batch_size", type=int, default=8)
+    parser.add_argument("--aggregation", default="mean_logit", choices=sorted(AGGREGATIONS),
+                        help="step scores -> chain score in the meta loss (the trainer's --aggregation)")
     parser.add_argument("--draws", type=int, default=2000)
     parser.add_argument("--lookahead", type=float, default=0.0,
                         help="also take one plain gradient step of this size on each domain alone and report "
@@ -143,7 +148,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     model, processor = load_model(args.prm, args.seed)
-    domains, D, dom, train_losses, meta_losses = dot_matrix(model, processor, args.train, args.meta)
+    domains, D, dom, train_losses, meta_losses = dot_matrix(model, processor, args.train, args.meta,
+                                                                    args.aggregation)
     k = len(domains)
     names = list(domains)
     # Full-data signal: the centred d_k with every record and every meta chain.
@@ -152,10 +158,10 @@ def main(argv: list[str] | None = None) -> dict:
     full = full - full.mean()
     sims = simulate(D, dom, k, args.batch_size, args.meta_batch_size, args.draws, args.seed)
     mean, std = sims.mean(0), sims.std(0)
-    summary = {"prm": args.prm, "train_loss": sum(train_losses) / len(train_losses),
+    summary = {"prm": args.prm, "aggregation": args.aggregation, "train_loss": sum(train_losses) / len(train_losses),
                "meta_loss": sum(meta_losses) / len(meta_losses), "batch_size": args.batch_size,
                "meta_batch_size": args.meta_batch_size, "domains": {}}
-    print(f"{args.prm}: train loss {summary['train_loss']:.4f}, meta loss {summary['meta_loss']:.4f}; "
+    print(f"{args.prm} (meta aggregation {args.aggregation}): train loss {summary['train_loss']:.4f}, meta loss {summary['meta_loss']:.4f}; "
           f"one upper step = batch {args.batch_size} + meta batch {args.meta_batch_size}, {args.draws} draws")
     print(f"{'domain':>10} {'full-data d_k-mean':>19} {'per-step mean':>14} {'per-step std':>13} {'SNR':>7} "
           f"{'P(d_k>mean)':>12}")
@@ -169,7 +175,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.lookahead:
         print(f"one gradient step (lr {args.lookahead:g}) on each domain alone: meta loss change "
               "(measured, first order)")
-        summary["lookahead"] = lookahead(model, processor, args.train, args.meta, args.lookahead)
+        summary["lookahead"] = lookahead(model, processor, args.train, args.meta, args.aggregation,
+                                         args.lookahead)
         for name, (measured, predicted) in summary["lookahead"].items():
             print(f"{name:>10} {measured:>+12.3e} {predicted:>+12.3e}")
     if args.out:
