@@ -27,7 +27,8 @@ from dreamprm.bilevel.upper import UpperResult, model_inputs, upper_step
 from dreamprm.checkpoint import Checkpointer, checkpoint_name, complete_checkpoints
 from dreamprm.config import REPO_ROOT, TINY_MODEL, ConfigError, TrainConfig, load_ds_config, resolve_ds_config
 from dreamprm.data.datasets import MetaDataset, PRMCollator, TrainDataset
-from dreamprm.data.records import DataValidationError, ImageChecker, domain_index, load_meta_records, load_train_records
+from dreamprm.data.records import (DataValidationError, ImageChecker, MetaRecord, TrainRecord, domain_index,
+                                   load_meta_records, load_train_records)
 from dreamprm.data.sampler import DistributedBatchSampler
 from dreamprm.distributed import engine as dist_engine
 from dreamprm.distributed.engine import DistInfo, DistributedEngine
@@ -132,8 +133,7 @@ class Trainer:
                 f"--hypergrad fd needs --precision fp32: with {config.optim.precision} parameters the perturbation "
                 "εv is mostly rounded away (measured: 23-88% error at 2B). Use --hypergrad exact (the default, "
                 "ε-free, accurate in bf16) or --hypergrad fd_bf16_naive to reproduce the original.")
-        self.reward_model = resolve_reward_model(config.model.reward_model, info.rank)
-        self.reward_model = resolve_model_dir(self.reward_model)
+        self.reward_model = resolve_model_dir(resolve_reward_model(config.model.reward_model, info.rank))
         train_records, meta_records = self._load_records()
         self.domains = domain_index(train_records)
         self.output = self._prepare_output()
@@ -152,7 +152,7 @@ class Trainer:
         self._logged_step = self.state.step
 
     # ------------------------------------------------------------------ construction
-    def _load_records(self):
+    def _load_records(self) -> tuple[list[TrainRecord], list[MetaRecord]]:
         """Validate both files completely before anything is written; all problems at once."""
         problems: list[str] = []
         images = ImageChecker()
@@ -161,10 +161,10 @@ class Trainer:
         meta = load_meta_records(data.meta_json_file, data.image_root, problems=problems, images=images)
         if problems:
             raise DataValidationError(problems)
-        per_rank = self.config.optim.batch_size * self.info.world_size
-        if len(train) < per_rank:
+        global_batch = self.config.optim.batch_size * self.info.world_size
+        if len(train) < global_batch:
             raise DataValidationError([f"{data.train_json_file}: file: {len(train)} records cannot fill one global "
-                                       f"batch of {per_rank} (--batch_size x world size)"])
+                                       f"batch of {global_batch} (--batch_size x world size)"])
         if not self.config.bilevel.baseline and len(meta) < self.config.bilevel.meta_batch_size * self.info.world_size:
             raise DataValidationError([f"{data.meta_json_file}: file: {len(meta)} records cannot fill one meta batch "
                                        f"of {self.config.bilevel.meta_batch_size * self.info.world_size} "
