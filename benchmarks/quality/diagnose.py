@@ -13,8 +13,8 @@ sizes from it: the mean of d_k - mean(d) is the signal, its spread over draws th
 P(right sign) how often one upper step moves domain k the way its quality says (clean up, the
 inverted and the noisiest down).
 
-    python benchmarks/quality/diagnose.py --prm /tmp/tiny0 --train runs/quality/task/train.json \\
-        --meta runs/quality/task/meta.json   # a model directory (seeded head) or an export/
+    python benchmarks/quality/diagnose.py --prm runs/quality/runs/vanilla-s0/export \\
+        --train runs/quality/task/train.json --meta runs/quality/task/meta.json --sizes 16x8,64x32 --lookahead 0.01
 """
 from __future__ import annotations
 
@@ -136,42 +136,49 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--train", required=True)
     parser.add_argument("--meta", required=True)
     parser.add_argument("--seed", type=int, default=1, help="head seed for a model directory")
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--meta_batch_size", type=int, default=8)
+    parser.add_argument("--sizes", default="16x8",
+                        help="comma-separated BATCHxMETA_BATCH sizes of one upper step to simulate, e.g. 16x8,64x32")
     parser.add_argument("--aggregation", default="mean_logit", choices=sorted(AGGREGATIONS),
                         help="step scores -> chain score in the meta loss (the trainer's --aggregation)")
     parser.add_argument("--draws", type=int, default=2000)
     parser.add_argument("--lookahead", type=float, default=0.0,
                         help="also take one plain gradient step of this size on each domain alone and report "
                         "the meta loss change (a sign check that shares no code with the hypergradient)")
+    parser.add_argument("--cache", default=None, help="save D here, or load it when the file exists")
     parser.add_argument("--out", default=None, help="JSON summary")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     model, processor = load_model(args.prm, args.seed)
-    domains, D, dom, train_losses, meta_losses = dot_matrix(model, processor, args.train, args.meta,
-                                                                    args.aggregation)
+    if args.cache and Path(args.cache).is_file():
+        domains, D, dom, train_losses, meta_losses = torch.load(args.cache)
+    else:
+        domains, D, dom, train_losses, meta_losses = dot_matrix(model, processor, args.train, args.meta,
+                                                                args.aggregation)
+        if args.cache:
+            torch.save((domains, D, dom, train_losses, meta_losses), args.cache)
     k = len(domains)
     names = list(domains)
     # Full-data signal: the centred d_k with every record and every meta chain.
     per_record = D.mean(dim=1)
     full = torch.zeros(k, dtype=torch.float64).index_add(0, dom, per_record) / len(dom)
     full = full - full.mean()
-    sims = simulate(D, dom, k, args.batch_size, args.meta_batch_size, args.draws, args.seed)
-    mean, std = sims.mean(0), sims.std(0)
     summary = {"prm": args.prm, "aggregation": args.aggregation, "train_loss": sum(train_losses) / len(train_losses),
-               "meta_loss": sum(meta_losses) / len(meta_losses), "batch_size": args.batch_size,
-               "meta_batch_size": args.meta_batch_size, "domains": {}}
-    print(f"{args.prm} (meta aggregation {args.aggregation}): train loss {summary['train_loss']:.4f}, meta loss {summary['meta_loss']:.4f}; "
-          f"one upper step = batch {args.batch_size} + meta batch {args.meta_batch_size}, {args.draws} draws")
-    print(f"{'domain':>10} {'full-data d_k-mean':>19} {'per-step mean':>14} {'per-step std':>13} {'SNR':>7} "
-          f"{'P(d_k>mean)':>12}")
+               "meta_loss": sum(meta_losses) / len(meta_losses), "full": dict(zip(names, full.tolist())), "sizes": {}}
+    print(f"{args.prm} (meta aggregation {args.aggregation}): train loss {summary['train_loss']:.4f}, "
+          f"meta loss {summary['meta_loss']:.4f}; {args.draws} draws per size")
+    print(f"{'domain':>10} {'full d_k-mean':>14}" + "".join(f" {'SNR ' + size:>12} {'P(up)':>6}"
+                                                          for size in args.sizes.split(",")))
+    table = {}
+    for size in args.sizes.split(","):
+        batch, meta_batch = (int(x) for x in size.split("x"))
+        sims = simulate(D, dom, k, batch, meta_batch, args.draws, args.seed)
+        mean, std = sims.mean(0), sims.std(0)
+        table[size] = {name: {"mean": float(mean[i]), "std": float(std[i]), "snr": float(mean[i] / std[i]),
+                              "p_up": float((sims[:, i] > 0).double().mean())} for i, name in enumerate(names)}
+    summary["sizes"] = table
     for i, name in enumerate(names):
-        p_up = float((sims[:, i] > 0).double().mean())
-        snr = float(mean[i] / std[i]) if std[i] > 0 else float("nan")
-        summary["domains"][name] = {"full": float(full[i]), "mean": float(mean[i]), "std": float(std[i]),
-                                    "snr": snr, "p_up": p_up}
-        print(f"{name:>10} {float(full[i]):>+19.3e} {float(mean[i]):>+14.3e} {float(std[i]):>13.3e} {snr:>+7.3f} "
-              f"{p_up:>12.3f}")
+        print(f"{name:>10} {float(full[i]):>+14.3e}" + "".join(
+            f" {table[size][name]['snr']:>+12.3f} {table[size][name]['p_up']:>6.3f}" for size in table))
     if args.lookahead:
         print(f"one gradient step (lr {args.lookahead:g}) on each domain alone: meta loss change "
               "(measured, first order)")

@@ -75,6 +75,20 @@ N_CANDIDATES = 8
 MAX_RIGHT = 4  # a test question has 1..MAX_RIGHT right candidates out of N_CANDIDATES
 
 
+def sample_chain(item: dict, rng: random.Random, correct: bool) -> tuple[list[str], str, int | None]:
+    """The demo policy's chain, except that a policy that has gone wrong stays unsure: every step
+    after the wrong one is hedged with the same probability as the wrong step itself
+    (`demo.P_HEDGE_WRONG`). The cue then sits near the end of every prefix whose label is low, where
+    a 2-layer model reading the last position finds it quickly, instead of only in the wrong step.
+    Returns (steps, final answer, index of the wrong step or None)."""
+    steps, answer, err = demo.sample_chain(item["scene"], item["plan"], item["gt"], rng, correct)
+    if err is not None:
+        for i in range(err + 1, len(steps)):
+            if not steps[i].startswith(demo.HEDGES) and rng.random() < demo.P_HEDGE_WRONG:
+                steps[i] = rng.choice(demo.HEDGES) + steps[i][0].lower() + steps[i][1:]
+    return steps, answer, err
+
+
 def corrupt_labels(kind: str, fraction: float, records: list[dict], rng: random.Random) -> int:
     """Corrupt one domain's `accuracy` labels in place; returns how many were changed.
 
@@ -109,7 +123,7 @@ def build_train(seed: int, out: Path, chains_per_domain: int) -> tuple[list[dict
         rng.shuffle(flags)
         for i, correct in enumerate(flags):
             item = demo.new_item(rng, str(out), f"train_{domain}_{i:03d}")
-            steps, _, err = demo.sample_chain(item["scene"], item["plan"], item["gt"], rng, correct)
+            steps, _, err = sample_chain(item, rng, correct)
             for sid in range(1, len(steps) + 1):
                 records.append({
                     "id": f"{domain}-{i:03d}", "sid": sid, "input": item["question"],
@@ -138,14 +152,15 @@ def _pearson(x: list[float], y: list[float]) -> float:
     return sxy / (sxx * syy) ** 0.5 if sxx > 0 and syy > 0 else 0.0
 
 
-def build_meta(seed: int, out: Path, n_meta: int) -> list[dict]:
+def build_meta(seed: int, out: Path, n_meta: int, p_wrong: float = 0.5) -> list[dict]:
     rng = random.Random(f"quality/{seed}/meta")
-    flags = [True] * (n_meta // 2) + [False] * (n_meta - n_meta // 2)
+    n_right = round((1.0 - p_wrong) * n_meta)
+    flags = [True] * n_right + [False] * (n_meta - n_right)
     rng.shuffle(flags)
     records = []
     for i, ok in enumerate(flags):
         item = demo.new_item(rng, str(out), f"meta_{i:03d}")
-        steps, answer, _ = demo.sample_chain(item["scene"], item["plan"], item["gt"], rng, ok)
+        steps, answer, _ = sample_chain(item, rng, ok)
         records.append({"id": f"meta-{i:03d}", "input": item["question"] + "\n\n" + demo.chain_text(steps, answer),
                         "image_path": item["image_path"], "true_false": ok})
     return records
@@ -163,7 +178,7 @@ def build_test(seed: int, out: Path, n_questions: int) -> list[dict]:
         candidates, seen = [], set()
         for ok in flags:
             for _ in range(50):  # prefer distinct texts
-                steps, answer, _ = demo.sample_chain(item["scene"], item["plan"], item["gt"], rng, ok)
+                steps, answer, _ = sample_chain(item, rng, ok)
                 text = demo.chain_text(steps, answer)
                 if text not in seen:
                     break
@@ -181,7 +196,7 @@ def write_json(path: Path, obj) -> None:
 
 
 def make_task(out: str | Path, seed: int = 0, chains_per_domain: int = 48, n_meta: int = 96,
-              n_test: int = 64) -> dict:
+              n_test: int = 64, meta_wrong: float = 0.5) -> dict:
     """Write the task under `out`; returns the manifest (also written as task.json)."""
     out = Path(out)
     images = out / "images"
@@ -190,7 +205,7 @@ def make_task(out: str | Path, seed: int = 0, chains_per_domain: int = 48, n_met
         if name.endswith(".png") and name.split("_")[0] in ("train", "meta", "test"):
             os.remove(images / name)
     train, domain_stats = build_train(seed, out, chains_per_domain)
-    meta = build_meta(seed, out, n_meta)
+    meta = build_meta(seed, out, n_meta, meta_wrong)
     test = build_test(seed, out, n_test)
     write_json(out / "train.json", train)
     write_json(out / "train_clean.json", [r for r in train if r["dataset"] == "clean"])
@@ -215,9 +230,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="task seed (images, chains, labels, noise)")
     parser.add_argument("--chains_per_domain", type=int, default=48, help="training chains per domain")
     parser.add_argument("--meta", type=int, default=96, help="meta chains (half right)")
+    parser.add_argument("--meta_wrong", type=float, default=0.5, help="share of wrong meta chains")
     parser.add_argument("--test", type=int, default=64, help="Best-of-N test questions")
     args = parser.parse_args(argv)
-    manifest = make_task(args.out, args.seed, args.chains_per_domain, args.meta, args.test)
+    manifest = make_task(args.out, args.seed, args.chains_per_domain, args.meta, args.test, args.meta_wrong)
     for name, d in manifest["domains"].items():
         print(f"{name:>9}: {d['records']:4d} records, {d['labels_changed']:4d} labels changed, "
               f"mean label {d['label_mean']:.3f}, correlation with the truth {d['label_truth_correlation']:+.2f}")
