@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -241,15 +242,35 @@ class Trainer:
         self.state = TrainState(**trainer_state["state"])
         self.domain_weights.load_state_dict(trainer_state["domain_weights"])
         self.meta_optimizer.load_state_dict(trainer_state["meta_optimizer"])
+        changes = self._apply_configured_hyperparameters()
         if self.engine.is_main:
             print(f"resumed from {folder} at step {self.state.step}", flush=True)
+            for name, (saved, now) in changes.items():
+                print(f"resume: --{name} {now:g} replaces the checkpoint's {saved:g}", flush=True)
+
+    def _apply_configured_hyperparameters(self) -> dict[str, tuple[float, float]]:
+        """Loading optimiser state also loads its learning rate and weight decay; the flags of this run
+        win (a run branched from another's checkpoint, e.g. DreamPRM after a vanilla warm-up, must
+        use its own --meta_lr). Returns {flag: (checkpoint value, configured value)} for what changed."""
+        o, b = self.config.optim, self.config.bilevel
+        changes = self.engine.override_hyperparameters(o.lr, o.weight_decay)
+        for group in self.meta_optimizer.param_groups:
+            for key, flag, value in (("lr", "meta_lr", b.meta_lr), ("weight_decay", "meta_weight_decay",
+                                                                    b.meta_weight_decay)):
+                if group[key] != value:
+                    changes[flag] = (group[key], value)
+                    group[key] = value
+        return changes
 
     def _check_compatible(self, folder: Path, saved: dict[str, Any]) -> None:
         differences = []
         if saved["domains"] != self.domains:
             differences.append(f"domains: checkpoint {saved['domains']} vs data {self.domains}")
         for key, now in (("reward_model", self.reward_model), ("head", self.config.model.head)):
-            if saved["identity"][key] != now:
+            then = saved["identity"][key]
+            if key == "reward_model":  # the same directory, however it was spelled then
+                then, now = os.path.abspath(then), os.path.abspath(now)
+            if then != now:
                 differences.append(f"{key}: checkpoint {saved['identity'][key]!r} vs now {now!r}")
         if differences:
             raise ConfigError(f"--resume {folder}: the checkpoint belongs to a different run: " + "; ".join(differences))

@@ -3,6 +3,7 @@ global batches, exact resume, export that reloads without DeepSpeed, TensorBoard
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 
 import pytest
@@ -71,6 +72,29 @@ def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(tiny_model, on
     for key in a:
         assert torch.equal(a[key], b[key]), key
     assert read_json(one_rank / "domain_weights.json") == read_json(tmp_path / "domain_weights.json")
+
+
+def test_a_branched_run_uses_its_own_learning_rates_not_the_checkpoints(tiny_model, one_rank, tmp_path):
+    # Loading optimiser state restores its lr too; a run branched from another run's checkpoint
+    # (e.g. DreamPRM after a vanilla warm-up) must train with the flags it was given.
+    checkpoint = one_rank / "checkpoints" / "step_00000008"
+    # The model directory spelled relative to the working directory (the checkpoint has it absolute).
+    relative_model = os.path.relpath(tiny_model, REPO)
+    flags = small_run_args(relative_model, tmp_path, "--unroll_steps", "2", "--hypergrad", "exact", "--batch_size", "4",
+                           "--meta_batch_size", "2", "--iteration_num", "10", "--resume", str(checkpoint),
+                           "--save_every_iterations", "2", "--no-export")
+    flags[flags.index("--lr") + 1], flags[flags.index("--meta_lr") + 1] = "2e-3", "0.2"
+    out = run_train(flags).stdout
+    assert "resume: --lr 0.002 replaces the checkpoint's 0.001" in out
+    assert "resume: --meta_lr 0.2 replaces the checkpoint's 0.05" in out
+    assert [v for _, v in read_scalars(tmp_path / "tb")["train/lr"]] == pytest.approx([2e-3])
+    saved = torch.load(tmp_path / "checkpoints" / "step_00000010" / "trainer_state.pt", weights_only=True)
+    assert [g["lr"] for g in saved["meta_optimizer"]["param_groups"]] == [0.2]
+    # Same flags as the checkpoint: nothing to replace, nothing printed.
+    same = small_run_args(tiny_model, tmp_path / "same", "--unroll_steps", "2", "--hypergrad", "exact",
+                          "--batch_size", "4", "--meta_batch_size", "2", "--iteration_num", "10", "--resume",
+                          str(checkpoint), "--no-export")
+    assert "replaces the checkpoint's" not in run_train(same).stdout
 
 
 def test_export_reloads_without_deepspeed_and_scores_like_the_engine(tiny_model, one_rank, tmp_path):

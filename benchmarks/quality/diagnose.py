@@ -116,14 +116,29 @@ def lookahead(model, processor, train_file: str, meta_file: str, aggregation: st
     return out
 
 
-def simulate(D: torch.Tensor, dom: torch.Tensor, k: int, batch: int, meta_batch: int, draws: int, seed: int):
-    """Centred directional derivatives d_k - mean(d) over `draws` random (train batch, meta batch) pairs."""
+def simulate(D: torch.Tensor, dom: torch.Tensor, k: int, batch: int, meta_batch: int, draws: int, seed: int,
+             lengths: tuple[list[int], list[int]] | None = None):
+    """Centred directional derivatives d_k - mean(d) over `draws` (train batch, meta batch) pairs.
+
+    Batches are uniform random draws, or, with `lengths` (train, meta), the batches the trainer's
+    length-grouped `DistributedBatchSampler` yields (draws taken from its epochs in turn)."""
     rng = random.Random(seed)
     n, m = D.shape
+    if lengths is not None:
+        from dreamprm.data.sampler import DistributedBatchSampler
+        train_batches, meta_batches = [], []
+        epoch = 0
+        while len(train_batches) < draws or len(meta_batches) < draws:
+            train_batches += DistributedBatchSampler(lengths[0], batch, seed=seed).global_batches(epoch)
+            meta_batches += DistributedBatchSampler(lengths[1], meta_batch, seed=seed + 1).global_batches(epoch)
+            epoch += 1
     out = torch.zeros(draws, k, dtype=torch.float64)
     for t in range(draws):
-        b = torch.tensor(rng.sample(range(n), batch))
-        mm = torch.tensor(rng.sample(range(m), meta_batch))
+        if lengths is not None:
+            b, mm = torch.tensor(train_batches[t]), torch.tensor(meta_batches[t])
+        else:
+            b = torch.tensor(rng.sample(range(n), batch))
+            mm = torch.tensor(rng.sample(range(m), meta_batch))
         per_record = D[b][:, mm].mean(dim=1) / batch  # (1/N) ⟨g_i, v_M⟩
         d = torch.zeros(k, dtype=torch.float64).index_add(0, dom[b], per_record)
         out[t] = d - d.mean()
@@ -141,6 +156,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--aggregation", default="mean_logit", choices=sorted(AGGREGATIONS),
                         help="step scores -> chain score in the meta loss (the trainer's --aggregation)")
     parser.add_argument("--draws", type=int, default=2000)
+    parser.add_argument("--sampler", default="random", choices=("random", "trainer"),
+                        help="batches drawn uniformly at random, or the trainer's length-grouped batches")
     parser.add_argument("--lookahead", type=float, default=0.0,
                         help="also take one plain gradient step of this size on each domain alone and report "
                         "the meta loss change (a sign check that shares no code with the hypergradient)")
@@ -165,13 +182,17 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {"prm": args.prm, "aggregation": args.aggregation, "train_loss": sum(train_losses) / len(train_losses),
                "meta_loss": sum(meta_losses) / len(meta_losses), "full": dict(zip(names, full.tolist())), "sizes": {}}
     print(f"{args.prm} (meta aggregation {args.aggregation}): train loss {summary['train_loss']:.4f}, "
-          f"meta loss {summary['meta_loss']:.4f}; {args.draws} draws per size")
+          f"meta loss {summary['meta_loss']:.4f}; {args.draws} draws per size, {args.sampler} batches")
     print(f"{'domain':>10} {'full d_k-mean':>14}" + "".join(f" {'SNR ' + size:>12} {'P(up)':>6}"
                                                           for size in args.sizes.split(",")))
     table = {}
     for size in args.sizes.split(","):
         batch, meta_batch = (int(x) for x in size.split("x"))
-        sims = simulate(D, dom, k, batch, meta_batch, args.draws, args.seed)
+        lengths = None
+        if args.sampler == "trainer":
+            lengths = ([len(r.text) for r in load_train_records(args.train)],
+                       [sum(len(p) for p in r.prefixes) for r in load_meta_records(args.meta)])
+        sims = simulate(D, dom, k, batch, meta_batch, args.draws, args.seed, lengths)
         mean, std = sims.mean(0), sims.std(0)
         table[size] = {name: {"mean": float(mean[i]), "std": float(std[i]), "snr": float(mean[i] / std[i]),
                               "p_up": float((sims[:, i] > 0).double().mean())} for i, name in enumerate(names)}

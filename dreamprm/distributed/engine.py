@@ -295,8 +295,10 @@ class DistributedEngine:
     def _after_edit(self) -> None:
         if self.stage != 3:
             return
-        # Cached gathered parameters would hide the edit from the next forward.
-        self.module_engine.empty_partition_cache()
+        # Cached gathered parameters would hide the edit from the next forward. The ZeRO optimiser's
+        # own release, not the engine's: that one also runs gc.collect(), ~0.5 s per call in a
+        # trainer-sized Python process (3 calls per fd upper step; measured with cProfile).
+        self.module_engine.optimizer.empty_partition_cache()
         for o in self._owned:
             p = o.param
             if getattr(p, "ds_persist", False) and p.data.numel() == p.ds_numel:
@@ -337,6 +339,29 @@ class DistributedEngine:
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint {folder}/{tag}")
         return client_state or {}
+
+    def override_hyperparameters(self, lr: float, weight_decay: float) -> dict[str, tuple[float, float]]:
+        """Make the configured learning rate and weight decay win over the ones a loaded checkpoint
+        restored (PyTorch and DeepSpeed restore an optimiser's hyperparameters with its state, so a run
+        branched from a checkpoint with a new --lr would silently keep the old one). The scheduler's
+        decays so far are kept: lr_now = lr * (lr_now_saved / base_lr_saved). Returns the changes,
+        {name: (checkpoint value, configured value)}."""
+        changes: dict[str, tuple[float, float]] = {}
+        scheduler = self.lr_scheduler
+        saved_base = scheduler.base_lrs[0] if scheduler is not None else self.optimizer.param_groups[0]["lr"]
+        for group in self.optimizer.param_groups:
+            decayed = group["lr"] / saved_base if saved_base else 1.0
+            if saved_base != lr:
+                changes["lr"] = (saved_base, lr)
+            if group.get("weight_decay", weight_decay) != weight_decay:
+                changes["weight_decay"] = (group["weight_decay"], weight_decay)
+            group["lr"], group["weight_decay"] = lr * decayed, weight_decay
+            if "initial_lr" in group:
+                group["initial_lr"] = lr
+        if scheduler is not None:
+            scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
+            scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        return changes
 
     def consolidated_state_dict(self) -> dict[str, torch.Tensor] | None:
         """Full 16-bit (or fp32) weights gathered on rank 0 (None on other ranks)."""

@@ -45,7 +45,7 @@ def resolve_model_dir(name: str | Path) -> str:
                           "tiny model)")
     if not (path / "config.json").is_file():
         raise ConfigError(f"--reward_model {name}: config.json is missing, so this is not a model directory")
-    return str(path)
+    return str(path.absolute())  # absolute: a checkpoint records it, and a resume may spell it differently
 
 
 def load_backbone(path: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
