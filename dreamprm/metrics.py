@@ -1,5 +1,6 @@
 """Rank-0 logging: TensorBoard scalars, a tqdm progress bar and plain messages. Other ranks get the
-same object with everything switched off, so callers never test the rank themselves."""
+same object with everything switched off, so callers never test the rank themselves. `read_scalars`
+reads the scalars back (benchmarks, tests)."""
 from __future__ import annotations
 
 import sys
@@ -46,3 +47,11 @@ class MetricsLogger:
             self.bar.close()
         if self.writer is not None:
             self.writer.close()
+
+
+def read_scalars(logdir: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar series a `MetricsLogger` wrote under `logdir`: {tag: [(step, value), ...]}."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}

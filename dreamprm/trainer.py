@@ -266,11 +266,10 @@ class Trainer:
         differences = []
         if saved["domains"] != self.domains:
             differences.append(f"domains: checkpoint {saved['domains']} vs data {self.domains}")
-        for key, now in (("reward_model", self.reward_model), ("head", self.config.model.head)):
-            then = saved["identity"][key]
-            if key == "reward_model":  # the same directory, however it was spelled then
-                then, now = os.path.abspath(then), os.path.abspath(now)
-            if then != now:
+        # Model directories are recorded absolute; older checkpoints may hold a relative spelling.
+        then = {**saved["identity"], "reward_model": os.path.abspath(saved["identity"]["reward_model"])}
+        for key, now in self._identity().items():
+            if then[key] != now:
                 differences.append(f"{key}: checkpoint {saved['identity'][key]!r} vs now {now!r}")
         if differences:
             raise ConfigError(f"--resume {folder}: the checkpoint belongs to a different run: " + "; ".join(differences))
@@ -278,7 +277,11 @@ class Trainer:
     def _trainer_state(self) -> dict[str, Any]:
         return {"state": self.state.as_dict(), "domains": self.domains,
                 "domain_weights": self.domain_weights.state_dict(), "meta_optimizer": self.meta_optimizer.state_dict(),
-                "identity": {"reward_model": self.reward_model, "head": self.config.model.head}}
+                "identity": self._identity()}
+
+    def _identity(self) -> dict[str, str]:
+        """What a checkpoint must share with the run that resumes it (besides the domains)."""
+        return {"reward_model": self.reward_model, "head": self.config.model.head}
 
     # ------------------------------------------------------------------ data
     def next_train_batch(self) -> dict[str, torch.Tensor] | None:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from dreamprm.metrics import read_scalars  # noqa: F401  (tests import it from here)
+
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 DEMO = REPO / "data" / "demo"
@@ -51,13 +53,6 @@ def run_train(args: list[str], nproc: int = 1, timeout: int = 600, check: bool =
     if check and proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
-
-
-def read_scalars(logdir: str | Path) -> dict[str, list[tuple[int, float]]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 def load_export(path: str | Path):

@@ -210,7 +210,7 @@ def original_recipe(model_dir: Path, data_dir: Path, segments: int, device: torc
 
 def our_trainer(model_dir: Path, data_dir: Path, out: Path, segments: int, batch_size: int, extra: list[str]) -> dict:
     """launch/train.py on the synthetic data; numbers read back from its TensorBoard scalars."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from dreamprm.metrics import read_scalars
     steps = 5 * (segments + 2)
     cmd = [sys.executable, str(REPO / "launch" / "train.py"), "--reward_model", str(model_dir),
            "--train_json_file", str(data_dir / "train.json"), "--meta_json_file", str(data_dir / "meta.json"),
@@ -221,10 +221,8 @@ def our_trainer(model_dir: Path, data_dir: Path, out: Path, segments: int, batch
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"trainer failed:\n{proc.stderr[-4000:]}")
-    acc = EventAccumulator(str(out / "tb"), size_guidance={"scalars": 0})
-    acc.Reload()
-    series = {tag: [e.value for e in acc.Scalars(tag)][1:] or [e.value for e in acc.Scalars(tag)]
-              for tag in acc.Tags()["scalars"]}  # drop the warm-up window
+    series = {tag: [v for _, v in points][1:] or [v for _, v in points]
+              for tag, points in read_scalars(out / "tb").items()}  # drop the warm-up window
     samples_s = statistics.median(series["perf/samples_per_s"])
     segment_s = 5 * batch_size / samples_s
     upper_s = statistics.median(series["perf/upper_step_s"])

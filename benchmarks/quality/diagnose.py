@@ -185,13 +185,14 @@ def main(argv: list[str] | None = None) -> dict:
           f"meta loss {summary['meta_loss']:.4f}; {args.draws} draws per size, {args.sampler} batches")
     print(f"{'domain':>10} {'full d_k-mean':>14}" + "".join(f" {'SNR ' + size:>12} {'P(up)':>6}"
                                                           for size in args.sizes.split(",")))
+    lengths = None
+    if args.sampler == "trainer":  # the length proxies the trainer groups batches by
+        train = load_train_records(args.train)
+        lengths = (TrainDataset(train, domain_index(train)).lengths(),
+                   MetaDataset(load_meta_records(args.meta)).lengths())
     table = {}
     for size in args.sizes.split(","):
         batch, meta_batch = (int(x) for x in size.split("x"))
-        lengths = None
-        if args.sampler == "trainer":
-            lengths = ([len(r.text) for r in load_train_records(args.train)],
-                       [sum(len(p) for p in r.prefixes) for r in load_meta_records(args.meta)])
         sims = simulate(D, dom, k, batch, meta_batch, args.draws, args.seed, lengths)
         mean, std = sims.mean(0), sims.std(0)
         table[size] = {name: {"mean": float(mean[i]), "std": float(std[i]), "snr": float(mean[i] / std[i]),

@@ -146,17 +146,18 @@ def build_train(seed: int, out: Path, chains_per_domain: int,
             "kind": kind, "noise": fraction, "chains": chains, "records": len(mine),
             "labels_changed": changed, "label_mean": round(statistics.fmean(labels), 4),
             # How much of the true label a domain's labels still carry (1 clean, 0 none, -1 inverted).
-            "label_truth_correlation": round(_pearson(true_labels, labels), 4),
+            "label_truth_correlation": round(pearson(true_labels, labels), 4),
         }
     return records, stats
 
 
-def _pearson(x: list[float], y: list[float]) -> float:
+def pearson(x: list[float], y: list[float]) -> float:
+    """Pearson correlation; NaN when either side is constant."""
     mx, my = statistics.fmean(x), statistics.fmean(y)
     sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
     sxx = sum((a - mx) ** 2 for a in x)
     syy = sum((b - my) ** 2 for b in y)
-    return sxy / (sxx * syy) ** 0.5 if sxx > 0 and syy > 0 else 0.0
+    return sxy / (sxx * syy) ** 0.5 if sxx > 0 and syy > 0 else float("nan")
 
 
 def build_meta(seed: int, out: Path, n_meta: int, p_wrong: float = 0.5) -> list[dict]:

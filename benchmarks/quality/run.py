@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import resource
@@ -141,12 +140,7 @@ def ranks(values: list[float]) -> list[float]:
 
 
 def spearman(x: list[float], y: list[float]) -> float:
-    rx, ry = ranks(x), ranks(y)
-    mx, my = statistics.fmean(rx), statistics.fmean(ry)
-    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
-    sxx = sum((a - mx) ** 2 for a in rx)
-    syy = sum((b - my) ** 2 for b in ry)
-    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else float("nan")
+    return make_task.pearson(ranks(x), ranks(y))
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -234,11 +228,8 @@ def collect(args, root: Path) -> dict:
 def final_meta_loss(run: Path, last: int = 50) -> float:
     """Mean meta loss of the last `last` upper steps (TensorBoard): 0.25 is a PRM whose chain scores
     do not separate right from wrong meta chains, where the upper level has no quality signal."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    events = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0})
-    events.Reload()
-    values = [e.value for e in events.Scalars("meta/loss")][-last:]
-    return statistics.fmean(values)
+    from dreamprm.metrics import read_scalars
+    return statistics.fmean(value for _, value in read_scalars(run / "tb")["meta/loss"][-last:])
 
 
 def machine() -> dict:

@@ -346,15 +346,14 @@ class DistributedEngine:
         branched from a checkpoint with a new --lr would silently keep the old one). The scheduler's
         decays so far are kept: lr_now = lr * (lr_now_saved / base_lr_saved). Returns the changes,
         {name: (checkpoint value, configured value)}."""
-        changes: dict[str, tuple[float, float]] = {}
         scheduler = self.lr_scheduler
         saved_base = scheduler.base_lrs[0] if scheduler is not None else self.optimizer.param_groups[0]["lr"]
+        saved_decay = self.optimizer.param_groups[0].get("weight_decay", weight_decay)
+        changes = {name: (saved, now) for name, saved, now in (("lr", saved_base, lr),
+                                                                ("weight_decay", saved_decay, weight_decay))
+                   if saved != now}
         for group in self.optimizer.param_groups:
             decayed = group["lr"] / saved_base if saved_base else 1.0
-            if saved_base != lr:
-                changes["lr"] = (saved_base, lr)
-            if group.get("weight_decay", weight_decay) != weight_decay:
-                changes["weight_decay"] = (group["weight_decay"], weight_decay)
             group["lr"], group["weight_decay"] = lr * decayed, weight_decay
             if "initial_lr" in group:
                 group["initial_lr"] = lr
