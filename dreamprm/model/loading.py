@@ -9,6 +9,7 @@ Export layout (``<weights_path>/export``), loadable without DeepSpeed:
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,8 @@ def resolve_model_dir(name: str | Path) -> str:
                           "tiny model)")
     if not (path / "config.json").is_file():
         raise ConfigError(f"--reward_model {name}: config.json is missing, so this is not a model directory")
-    return str(path.absolute())  # absolute: a checkpoint records it, and a resume may spell it differently
+    # Absolute and normalised (no ".."): a checkpoint records it, and a resume may spell it differently.
+    return os.path.abspath(path)
 
 
 def load_backbone(path: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
