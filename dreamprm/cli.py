@@ -5,7 +5,7 @@ import sys
 
 from dreamprm.config import ConfigError, parse_args
 from dreamprm.data.records import DataValidationError
-from dreamprm.preemption import EXIT_PREEMPTED, StopRequest
+from dreamprm.preemption import EXIT_CHECKPOINT_FAILED, EXIT_PREEMPTED, StopRequest
 
 EXIT_USER_ERROR = 2
 
@@ -13,6 +13,7 @@ EXIT_USER_ERROR = 2
 def run_training(argv: list[str]) -> int:
     stop = StopRequest().install()
     config = parse_args(argv)
+    from dreamprm.checkpoint import CheckpointWriteError
     from dreamprm.distributed.engine import init_distributed, shutdown
     from dreamprm.trainer import Trainer, TrainingAborted
 
@@ -20,16 +21,14 @@ def run_training(argv: list[str]) -> int:
     code = 1  # an exception escaping train() must not wait in a clean shutdown's barrier
     try:
         code = Trainer(config, info, stop).train()
-    except (ConfigError, DataValidationError) as err:
+    except (ConfigError, DataValidationError, TrainingAborted, CheckpointWriteError) as err:
+        # Every rank gets these together (aborts and failed saves are agreed on): one message is enough.
         if info.rank == 0:
             print(f"error: {err}", file=sys.stderr, flush=True)
-        code = EXIT_USER_ERROR
-    except TrainingAborted as err:  # every rank aborts together; one message is enough
-        if info.rank == 0:
-            print(f"error: {err}", file=sys.stderr, flush=True)
-        code = 1
+        code = (EXIT_USER_ERROR if isinstance(err, (ConfigError, DataValidationError))
+                else EXIT_CHECKPOINT_FAILED if isinstance(err, CheckpointWriteError) else 1)
     finally:
-        shutdown(clean=code in (0, EXIT_PREEMPTED, EXIT_USER_ERROR))
+        shutdown(clean=code in (0, EXIT_PREEMPTED, EXIT_USER_ERROR, EXIT_CHECKPOINT_FAILED))
     return code
 
 

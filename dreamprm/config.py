@@ -89,6 +89,8 @@ class RunConfig:
     seed: int = _f(1, "random seed (data order, initialisation of the head)")
     local_rank: int = _f(-1, "set by the deepspeed launcher; ranks otherwise come from the environment")
     save_every_iterations: int = _f(1000, "checkpoint every N lower-level steps (and at the end)")
+    keep_last: int = _f(3, "keep the newest N complete checkpoints, 0 keeps all; older ones are deleted only "
+                        "once a newer one is complete. A run's final checkpoint and export/ are never deleted")
     resume: str | None = _f(None, "'auto' (newest complete checkpoint in --weights_path, if any) or a checkpoint folder")
     log_every: int = _f(10, "log scalars every N lower-level steps")
     max_bad_steps: int = _f(5, "stop after this many consecutive non-finite losses or hypergradients")

@@ -1,4 +1,5 @@
-"""Preemption signals: SIGTERM and SIGUSR1 (Slurm's warning before a time limit or a preemption).
+"""Preemption signals: SIGTERM and SIGUSR1 (Slurm's warning before a time limit or a preemption),
+and the exit codes the job scripts act on.
 
 The handler only records the signal; the trainer checkpoints at its next safe point (after an
 optimiser step), on every rank together, and exits with `EXIT_PREEMPTED` so the job script can
@@ -11,6 +12,9 @@ import signal
 from typing import Any
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: the job script requeues on it
+# EX_IOERR: a checkpoint could not be written (too little space, quota, I/O error). Not requeued:
+# a requeued job would meet the same disk (slurm/common.sh).
+EXIT_CHECKPOINT_FAILED = 74
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 

@@ -25,7 +25,8 @@ from torch.utils.data import DataLoader
 
 from dreamprm.bilevel.domain_weights import DomainWeights
 from dreamprm.bilevel.upper import UpperResult, model_inputs, upper_step
-from dreamprm.checkpoint import Checkpointer, checkpoint_name, complete_checkpoints
+from dreamprm.checkpoint import (Checkpointer, CheckpointWriteError, checkpoint_name, complete_checkpoints,
+                                 format_bytes)
 from dreamprm.config import REPO_ROOT, TINY_MODEL, ConfigError, TrainConfig, load_ds_config, resolve_ds_config
 from dreamprm.data.datasets import MetaDataset, PRMCollator, TrainDataset
 from dreamprm.data.records import (DataValidationError, ImageChecker, MetaRecord, TrainRecord, domain_index,
@@ -146,7 +147,7 @@ class Trainer:
         self._build_data(train_records, meta_records)
         self.state = TrainState()
         self._saved: tuple[int, Path] | None = None  # (step, folder) of the last checkpoint written
-        self.checkpointer = Checkpointer(self.output / "checkpoints", self.engine)
+        self.checkpointer = Checkpointer(self.output / "checkpoints", self.engine, keep_last=run.keep_last)
         self._maybe_resume()
         self._write_run_description()
         self.logger = MetricsLogger(self.output, self.engine.is_main, run.iteration_num, self.state.step)
@@ -232,6 +233,9 @@ class Trainer:
         if not resume:
             return
         if resume == "auto":
+            for partial, size in self.checkpointer.remove_partial():
+                print(f"resume: removed {partial} ({format_bytes(size)}), left by a save that did not finish",
+                      flush=True)
             found = complete_checkpoints(self.output / "checkpoints")
             if not found:
                 return
@@ -239,6 +243,9 @@ class Trainer:
         else:
             folder = Path(resume)
         trainer_state = self.checkpointer.load(folder, check=self._check_compatible)
+        if folder.parent.resolve() == self.checkpointer.root.resolve():
+            # A save at this same step (nothing trained since) keeps this checkpoint instead of rewriting it.
+            self._saved = (trainer_state["state"]["step"], folder)
         self.state = TrainState(**trainer_state["state"])
         self.domain_weights.load_state_dict(trainer_state["domain_weights"])
         self.meta_optimizer.load_state_dict(trainer_state["meta_optimizer"])
@@ -329,7 +336,7 @@ class Trainer:
                                  f"with code {EXIT_PREEMPTED} so that the job is requeued")
                 self.logger.close()
                 return EXIT_PREEMPTED
-        self.save_checkpoint()
+        self.save_checkpoint(final=True)
         self.finish()
         return 0
 
@@ -503,11 +510,20 @@ class Trainer:
         self.logger.scalars(step, values)
 
     # ------------------------------------------------------------------ checkpoint and end
-    def save_checkpoint(self) -> Path:
-        """Checkpoint the current step (once: a second call at the same step returns the same folder)."""
+    def save_checkpoint(self, final: bool = False) -> Path:
+        """Checkpoint the current step (once: a second call at the same step returns the same folder).
+        `final`: the run's last checkpoint, which retention never deletes. Raises CheckpointWriteError
+        on every rank together when it cannot be written."""
         if self._saved is None or self._saved[0] != self.state.step:
-            self._saved = (self.state.step, self.checkpointer.save(self.state.step, self._trainer_state()))
+            try:
+                folder = self.checkpointer.save(self.state.step, self._trainer_state(), final=final)
+            except CheckpointWriteError:
+                self.logger.close()  # ends the progress bar's line: the error message starts on its own
+                raise
+            self._saved = (self.state.step, folder)
             self.logger.flush()
+        elif final:
+            self.checkpointer.mark_final(self._saved[1])
         return self._saved[1]
 
     def finish(self) -> None:

@@ -1,4 +1,5 @@
-"""DeepSpeed's ZeRO-3 memory estimate for the Qwen2-VL-2B / 7B reward models, without downloads.
+"""DeepSpeed's ZeRO-3 memory estimate for the Qwen2-VL-2B / 7B reward models, and the disk their
+checkpoints take, without downloads.
 
 The parameter counts come from the public configs: the model is built from a ``Qwen2VLConfig`` on
 the ``meta`` device (no memory, no weights), its parameters are counted exactly, and the largest
@@ -11,9 +12,15 @@ The estimate covers model states only (fp16/bf16 parameters, gradients, fp32 Ada
 with DeepSpeed's 1.5 buffer factor; activations, the bilevel step's extra copies and the CUDA
 context come on top.
 
+Checkpoint sizes come from ``dreamprm.checkpoint.estimate_checkpoint_bytes``, the estimate the
+trainer checks against the free disk space before its first save: every rank writes its partition of
+the fp32 master weights and AdamW's two moments (12 bytes per parameter); a ZeRO-3 checkpoint holds
+no 16-bit copy. The export is the 16-bit weights once. A run needs ``--keep_last`` + 1 checkpoints
+at its peak (the old ones are deleted only once the new one is complete) plus the export.
+
     python launch/estimate_memory.py                      # the README table: 2B 1x8, 7B 1x8 and 2x8
     python launch/estimate_memory.py --model 7b --nodes 2 --gpus_per_node 8
-    python launch/estimate_memory.py --markdown           # the table in slurm/README.md
+    python launch/estimate_memory.py --markdown           # the tables in slurm/README.md
 """
 
 from __future__ import annotations
@@ -24,6 +31,13 @@ import dataclasses
 import io
 import os
 import sys
+
+# Replace this folder on the import path by the repository root: launch/select.py must not shadow
+# the standard library's `select` module (torch imports it), and dreamprm/ must be importable.
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+from dreamprm.checkpoint import estimate_checkpoint_bytes  # noqa: E402
+from dreamprm.config import RunConfig  # noqa: E402
 
 # Public config.json of Qwen/Qwen2-VL-2B-Instruct and Qwen/Qwen2-VL-7B-Instruct (the fields that
 # change the parameter count).
@@ -158,6 +172,33 @@ def markdown_table(rows: list[Row], counts: dict[str, ParamCount]) -> str:
     return "\n".join(out)
 
 
+@dataclasses.dataclass
+class DiskRow:
+    model: str
+    nodes: int
+    gpus_per_node: int
+    per_rank_gib: float  # one checkpoint, each rank's files
+    checkpoint_gib: float  # one checkpoint, all ranks
+    export_gib: float  # the exported 16-bit PRM
+    run_gib: float  # peak of a run: keep_last + 1 checkpoints and the export
+
+
+def disk_row(model: str, count: ParamCount, nodes: int, gpus_per_node: int, keep_last: int) -> DiskRow:
+    per_rank, total = estimate_checkpoint_bytes(count.total, count.total, world_size=nodes * gpus_per_node)
+    export = 2 * count.total
+    return DiskRow(model, nodes, gpus_per_node, per_rank / GIB, total / GIB, export / GIB,
+                   ((keep_last + 1) * total + export) / GIB)
+
+
+def disk_table(rows: list[DiskRow], keep_last: int) -> str:
+    out = [f"| model | nodes x GPUs | checkpoint per rank | checkpoint (all ranks) | export (bf16) | "
+           f"a run with --keep_last {keep_last} |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| Qwen2-VL-{r.model.upper()} | {r.nodes} x {r.gpus_per_node} | {r.per_rank_gib:.1f} GiB | "
+                   f"{r.checkpoint_gib:.1f} GiB | {r.export_gib:.1f} GiB | {r.run_gib:.0f} GiB |")
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=sorted(QWEN2_VL), help="default: every default setup")
@@ -168,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="count with the closed form instead of instantiating on the meta device")
     p.add_argument("--check", action="store_true",
                    help="also compare the meta-device count with the closed form")
+    p.add_argument("--keep_last", type=int, default=RunConfig.keep_last,
+                   help="the trainer's --keep_last, for the disk a run needs")
     args = p.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # only the estimator is used; no device probe
 
@@ -194,9 +237,11 @@ def main(argv: list[str] | None = None) -> int:
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs_all_cold
 
     rows: list[Row] = []
+    disk: list[DiskRow] = []
     for m, nodes, gpn in setups:
         c = counts[m]
         rows += estimate_rows(m, c, nodes, gpn)
+        disk.append(disk_row(m, c, nodes, gpn, args.keep_last))
         if args.markdown:
             continue
         print(f"\n== {QWEN2_VL[m]['name']}: {c.total:,} parameters ({c.method}); largest layer "
@@ -207,9 +252,15 @@ def main(argv: list[str] | None = None) -> int:
                 total_params=c.total, largest_layer_params=c.largest_layer,
                 num_gpus_per_node=gpn, num_nodes=nodes)
         print(buf.getvalue().rstrip())
+        d = disk[-1]
+        print(f"checkpoint: {d.per_rank_gib:.1f} GiB per rank, {d.checkpoint_gib:.1f} GiB in all; export "
+              f"{d.export_gib:.1f} GiB; a run with --keep_last {args.keep_last}: {d.run_gib:.0f} GiB")
     if not args.markdown:
         print("\nSummary (zero_init=1; model states only, activations not included):")
     print(markdown_table(rows, counts))
+    print("\nDisk: one checkpoint (ZeRO-3, fp32 master weights + AdamW moments) and what a run needs:"
+          if not args.markdown else "")
+    print(disk_table(disk, args.keep_last))
     return 0
 
 

@@ -9,10 +9,14 @@
 #   dreamprm_master_port    print MASTER_PORT, or a port derived from SLURM_JOB_ID
 #   dreamprm_export_dist_env   export MASTER_ADDR and MASTER_PORT
 #   dreamprm_export_nccl_env   export NCCL / threading settings
-#   dreamprm_main           the body of the train_*.sh scripts: srun the trainer, requeue on 75
+#   dreamprm_main           the body of the train_*.sh scripts: srun the trainer, requeue on 75,
+#                           never on 74
 
 # Exit code of the trainer when it stopped early on SIGUSR1/SIGTERM after writing a checkpoint.
 DREAMPRM_EXIT_PREEMPTED=75
+# Exit code of the trainer when a checkpoint could not be written (too little space, quota, I/O
+# error). Never requeued: the requeued run would meet the same disk.
+DREAMPRM_EXIT_CHECKPOINT_FAILED=74
 
 dreamprm_log() {
     echo "[dreamprm $(date -u +%Y-%m-%dT%H:%M:%SZ) job=${SLURM_JOB_ID:-none}] $*" >&2
@@ -143,8 +147,10 @@ dreamprm_main() {
     # does not `exec` the trainer, because of --kill-on-bad-exit: ranks leave at different moments
     # after a checkpoint, and a first rank leaving with 75 would get the others killed mid-save
     # (srun then reports 143, not 75). So a rank's 75 becomes a note in DREAMPRM_EXIT_DIR plus exit
-    # 0, and only real failures are "bad exits". The no-op traps keep the wrapper alive while the
-    # trainer handles the signal (Slurm signals every process of the step, the trainer included).
+    # 0, and only real failures are "bad exits". A failed checkpoint (74) is agreed on by every rank
+    # too and gets a note of its own, so that the script can tell it from a crash. The no-op traps
+    # keep the wrapper alive while the trainer handles the signal (Slurm signals every process of
+    # the step, the trainer included).
     # shellcheck disable=SC2016  # expanded by the task's bash, not here
     local task_cmd='
         trap : USR1 TERM
@@ -157,6 +163,10 @@ dreamprm_main() {
             : > "$DREAMPRM_EXIT_DIR/rank$SLURM_PROCID"
             exit 0
         fi
+        if [ "$rc" -eq 74 ]; then  # DREAMPRM_EXIT_CHECKPOINT_FAILED
+            : > "$DREAMPRM_EXIT_DIR/checkpoint-failed.rank$SLURM_PROCID"
+            exit 0
+        fi
         exit "$rc"'
 
     local rc=0
@@ -164,7 +174,16 @@ dreamprm_main() {
     srun --kill-on-bad-exit=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
         bash -c "$task_cmd" || rc=$?
 
-    local stopped
+    local stopped failed
+    failed=$(find "$DREAMPRM_EXIT_DIR" -maxdepth 1 -name 'checkpoint-failed.rank*' | wc -l)
+    if [[ "$rc" -eq "$DREAMPRM_EXIT_CHECKPOINT_FAILED" || "$failed" -gt 0 ]]; then
+        dreamprm_log "the trainer could not write a checkpoint (exit $DREAMPRM_EXIT_CHECKPOINT_FAILED on" \
+            "$failed of ${SLURM_NTASKS:-?} ranks; its error message in the .err log names the cause):" \
+            "not requeueing job $SLURM_JOB_ID, the requeued run would meet the same disk. Free space" \
+            "where $OUTPUT_DIR is (or lower --keep_last in EXTRA_ARGS), then resubmit with" \
+            "OUTPUT_DIR=$OUTPUT_DIR to continue from its last checkpoint"
+        exit "$DREAMPRM_EXIT_CHECKPOINT_FAILED"
+    fi
     stopped=$(find "$DREAMPRM_EXIT_DIR" -maxdepth 1 -name 'rank*' | wc -l)
     if [[ "$rc" -eq "$DREAMPRM_EXIT_PREEMPTED" ]] || [[ "$rc" -eq 0 && "$stopped" -gt 0 ]]; then
         if [[ "$restart" -ge "$max_requeues" ]]; then

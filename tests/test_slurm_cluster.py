@@ -250,6 +250,35 @@ def test_train_script_passes_failures_through(cluster, tmp_path):
     assert cluster.job(job.job_id)["Restarts"] == "0"
 
 
+def test_train_script_does_not_requeue_a_failed_checkpoint(cluster, tmp_path):
+    """Exit 74 (a checkpoint could not be written) on every rank, rank 0 last: no rank is killed, the
+    job ends FAILED with 74 and a line saying why, and it is not requeued."""
+    stub = tmp_path / "disk_full.py"
+    stub.write_text("import os, sys, time\n"
+                    "if os.environ['RANK'] == '0':\n"
+                    "    time.sleep(2)  # removing the partial folder\n"
+                    "    print('error: checkpoint step_00000004 could not be written', file=sys.stderr)\n"
+                    "sys.exit(74)\n")
+    for name in ("zero3.json", "train.json", "meta.json"):
+        (tmp_path / name).write_text("{}")
+    (tmp_path / "logs").mkdir()
+    out = tmp_path / "w"
+    job = cluster.sbatch(REPO / "slurm" / "train_2b.sh", env_overrides={
+        "PYTHON": PYTHON, "TRAINER": str(stub), "DS_CONFIG": str(tmp_path / "zero3.json"),
+        "TRAIN_JSON": str(tmp_path / "train.json"), "META_JSON": str(tmp_path / "meta.json"),
+        "OUTPUT_DIR": str(out), "DREAMPRM_REPO": str(REPO)},
+        cwd=tmp_path, timeout=45, args=["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0",
+                                        "--cpus-per-task=1", "--time=2"])
+    err = (tmp_path / "logs" / f"dreamprm-2b-{job.job_id}.err").read_text()
+    assert (job.state, job.returncode) == ("FAILED", 74), err
+    assert cluster.job(job.job_id)["Restarts"] == "0"
+    assert "error: checkpoint step_00000004 could not be written" in err  # rank 0 was not killed first
+    assert "could not write a checkpoint (exit 74 on 2 of 2 ranks" in err
+    assert f"not requeueing job {job.job_id}" in err and f"OUTPUT_DIR={out}" in err
+    notes = sorted(p.name for p in (out / ".slurm" / f"{job.job_id}.0").iterdir())
+    assert notes == ["checkpoint-failed.rank0", "checkpoint-failed.rank1"]
+
+
 ECHO_TRAINER = """\
 import json, os, sys
 keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "SLURMD_NODENAME", "CUDA_VISIBLE_DEVICES",

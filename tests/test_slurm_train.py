@@ -32,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import DEMO, PYTHON, REPO, exported_tensors, read_json, read_scalars  # noqa: E402
+from dreamprm.checkpoint import complete_checkpoints  # noqa: E402
 from slurm_cluster import TERMINAL_STATES, LocalSlurm, slurm_available  # noqa: E402
 
 _ok, _why = slurm_available()
@@ -39,8 +40,10 @@ pytestmark = pytest.mark.skipif(not _ok, reason=_why)
 
 ITERATIONS = 40  # long enough that the signal lands mid-run on an idle machine too
 # The trainer's flags beyond what train_7b.sh passes itself: a short deterministic fp32 CPU run.
+# --keep_last 1 with a checkpoint every 10 steps: retention across the requeue (the preemption
+# checkpoint must survive until the requeued run has written a newer one).
 EXTRA_ARGS = (f"--precision fp32 --batch_size 2 --unroll_steps 2 --iteration_num {ITERATIONS} "
-              "--lr 1e-3 --meta_lr 0.05 --log_every 2")
+              "--lr 1e-3 --meta_lr 0.05 --log_every 2 --keep_last 1 --save_every_iterations 10")
 # sbatch options that turn the 2 x 8 GPU template into 2 nodes x 1 CPU task.
 SBATCH_CPU = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1",
               "--time=10"]
@@ -197,9 +200,11 @@ def test_sigusr1_checkpoints_requeues_and_resumes_by_itself(jobs):
     assert sorted(p.name for p in notes.iterdir()) == ["rank0", "rank1"]
     assert f"requeueing job {job.job_id}" in job.log and f"run 1 of job {job.job_id}" in job.log
     checkpoint = job.out / "checkpoints" / f"step_{step:08d}"
-    assert read_json(checkpoint / "manifest.json")["world_size"] == 2
-    # The requeued run (same job id, same OUTPUT_DIR) found that checkpoint with --resume auto.
+    # The requeued run (same job id, same OUTPUT_DIR) found that checkpoint with --resume auto (its
+    # world size checked against the manifest), and retention removed it only after newer ones.
     assert f"resumed from {checkpoint} at step {step}" in job.log
+    assert [c.name for c in complete_checkpoints(job.out / "checkpoints")] == [f"step_{ITERATIONS:08d}"]
+    assert not [p.name for p in (job.out / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
     assert f"done at step {ITERATIONS}" in job.log
     runs = sorted((r["run"], r["rank"], r["node"]) for r in _ranks(job.out))
     assert runs == [("0", "0", "n1"), ("0", "1", "n2"), ("1", "0", "n1"), ("1", "1", "n2")]

@@ -311,8 +311,42 @@ class DistributedEngine:
                 p.data.copy_(full[: p.ds_numel].view_as(p.data))
 
     # ----- checkpoints and export
-    def save_checkpoint(self, folder: str, tag: str, client_state: dict[str, Any]) -> None:
-        self.module_engine.save_checkpoint(folder, tag=tag, client_state=client_state, save_latest=False)
+    def save_checkpoint(self, folder: str, tag: str, client_state: dict[str, Any]) -> tuple[str, Exception] | None:
+        """DeepSpeed's save; a file write that fails on this rank is returned as (path, error), not raised.
+
+        DeepSpeed's save is collective (all-reduces before the writes, a barrier after them): a rank
+        that raised out of it (disk full, quota, I/O error) would leave the others waiting in that
+        barrier. So its writes are wrapped: after the first failure the rest of this rank's writes
+        are skipped, every rank passes through the same collectives, and the caller decides for all
+        ranks together.
+        """
+        engine = self.module_engine
+        writer = engine.checkpoint_engine
+        failed: list[tuple[str, Exception]] = []
+
+        def guarded(write: Callable[..., Any], path_of: Callable[..., str]) -> Callable[..., Any]:
+            def run(*args: Any, **kwargs: Any) -> Any:
+                if failed:
+                    return None
+                try:
+                    return write(*args, **kwargs)
+                except Exception as err:
+                    failed.append((path_of(*args, **kwargs), err))
+            return run
+
+        save, copy_scripts = writer.save, engine._copy_recovery_script
+        writer.save = guarded(save, lambda *a, **k: k.get("path", a[1] if len(a) > 1 else folder))
+        engine._copy_recovery_script = guarded(copy_scripts, lambda *a, **k: a[0] if a else folder)
+        try:
+            engine.save_checkpoint(folder, tag=tag, client_state=client_state, save_latest=False)
+        finally:
+            writer.save, engine._copy_recovery_script = save, copy_scripts
+        return failed[0] if failed else None
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """(all, trainable) parameters of the whole model (under ZeRO-3 too, not this rank's partition)."""
+        sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in self.module.parameters()]
+        return sum(n for n, _ in sizes), sum(n for n, trainable in sizes if trainable)
 
     def load_checkpoint(self, folder: str, tag: str) -> dict[str, Any]:
         """DeepSpeed's load, with every file read by ``torch.load(..., weights_only=True)``.
