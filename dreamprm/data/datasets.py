@@ -15,12 +15,18 @@ from dreamprm.data.records import MetaRecord, TrainRecord, load_image
 
 
 class TrainDataset(Dataset):
-    """One item per training record: (image, text, domain index, accuracy)."""
+    """One item per training record: (image, text, domain index, accuracy, chain group).
 
-    def __init__(self, records: list[TrainRecord], domains: dict[str, int], max_image_side: int = 512):
+    ``groups`` (`dreamprm.data.packing.group_chain_records`) marks the records of one chain that
+    nest; the packed collator scores consecutive records of a group in one row.
+    """
+
+    def __init__(self, records: list[TrainRecord], domains: dict[str, int], max_image_side: int = 512,
+                 groups: list[int | None] | None = None):
         self.records = records
         self.domains = domains
         self.max_image_side = max_image_side
+        self.groups = groups
 
     def __len__(self) -> int:
         return len(self.records)
@@ -28,7 +34,8 @@ class TrainDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         r = self.records[index]
         return {"image": load_image(r.image_path, self.max_image_side), "texts": [r.text],
-                "domain": self.domains[r.domain], "target": r.accuracy}
+                "domain": self.domains[r.domain], "target": r.accuracy,
+                "group": None if self.groups is None else self.groups[index]}
 
     def lengths(self) -> list[int]:
         """A cheap length proxy (characters) for length grouping."""
@@ -96,8 +103,11 @@ def select_rows(batch: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str,
     """The sub-batch of the given rows of a training batch (one image per row, one item per row).
 
     ``pixel_values`` holds every image's patches back to back; ``image_grid_thw`` says how many
-    each image has, which locates a row's patches.
+    each image has, which locates a row's patches. In a packed batch ``rows`` are records.
     """
+    if "score_row" in batch:  # packed: several records per row
+        from dreamprm.data.packing import select_packed_records
+        return select_packed_records(batch, rows)
     rows = rows.to(torch.long).cpu()
     out = {k: v[rows] for k, v in batch.items()
            if k not in ("pixel_values", "image_grid_thw", "item_index", "domain", "target")}

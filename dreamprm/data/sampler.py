@@ -17,10 +17,15 @@ class DistributedBatchSampler:
     order again. Every global batch of ``batch_size * num_replicas`` indices is split into
     contiguous per-rank slices, so 1 rank with batch 2B and 2 ranks with batch B see the same
     global batches. The tail that does not fill a global batch is dropped.
+
+    With ``units`` (lists of indices that belong together: the records of one chain, for prefix
+    packing) the shuffle and the length sort move whole units, and the order is then cut into
+    batches of exactly ``batch_size`` indices as before: a unit stays contiguous but may be split by
+    the end of a batch or a rank's slice. Batch sizes keep counting indices (records).
     """
 
     def __init__(self, lengths: list[int], batch_size: int, *, num_replicas: int = 1, rank: int = 0,
-                 seed: int = 0, group_batches: int = 32, shuffle: bool = True):
+                 seed: int = 0, group_batches: int = 32, shuffle: bool = True, units: list[list[int]] | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         global_batch = batch_size * num_replicas
@@ -34,6 +39,9 @@ class DistributedBatchSampler:
         self.seed = seed
         self.group_batches = group_batches
         self.shuffle = shuffle
+        if units is not None and sorted(i for u in units for i in u) != list(range(len(lengths))):
+            raise ValueError("units must hold every index exactly once")
+        self.units = units
         self.epoch = 0
         self.start_batch = 0
 
@@ -45,6 +53,8 @@ class DistributedBatchSampler:
         self.epoch, self.start_batch = epoch, batch
 
     def global_batches(self, epoch: int) -> list[list[int]]:
+        if self.units is not None:
+            return self._unit_batches(epoch)
         global_batch = self.batch_size * self.num_replicas
         order = list(range(len(self.lengths)))
         rng = random.Random(f"{self.seed}:{epoch}")
@@ -56,6 +66,27 @@ class DistributedBatchSampler:
         for start in range(0, len(order), group):
             chunk = sorted(order[start:start + group], key=lambda i: self.lengths[i])
             batches += [chunk[i:i + global_batch] for i in range(0, len(chunk), global_batch)]
+        if self.shuffle:
+            rng.shuffle(batches)
+        return batches
+
+    def _unit_batches(self, epoch: int) -> list[list[int]]:
+        global_batch = self.batch_size * self.num_replicas
+        units = list(self.units)
+        rng = random.Random(f"{self.seed}:{epoch}:units")
+        if self.shuffle:
+            rng.shuffle(units)
+        # Length grouping over stretches of about `group_batches` global batches, unit by unit.
+        ordered: list[list[int]] = []
+        stretch: list[list[int]] = []
+        for unit in units:
+            stretch.append(unit)
+            if sum(map(len, stretch)) >= global_batch * self.group_batches:
+                ordered += sorted(stretch, key=lambda u: sum(self.lengths[i] for i in u) / len(u))
+                stretch = []
+        ordered += sorted(stretch, key=lambda u: sum(self.lengths[i] for i in u) / len(u))
+        order = [i for unit in ordered for i in unit][: len(self) * global_batch]
+        batches = [order[i:i + global_batch] for i in range(0, len(order), global_batch)]
         if self.shuffle:
             rng.shuffle(batches)
         return batches
