@@ -31,7 +31,6 @@ from dreamprm.bilevel.upper import domain_sums_at, exact_domain_dots, meta_gradi
 from dreamprm.config import DEMO_DIR, REPO_ROOT, TrainConfig, load_ds_config, resolve_ds_config  # noqa: E402
 from dreamprm.data.datasets import MetaDataset, PRMCollator, TrainDataset  # noqa: E402
 from dreamprm.data.records import domain_index, load_meta_records, load_train_records  # noqa: E402
-from dreamprm.losses import domain_loss_sums, meta_loss, per_sample_mse  # noqa: E402
 
 
 def fixed_batches(train_file: str, meta_file: str, processor, global_batch: int, meta_global: int,
@@ -56,9 +55,31 @@ def fixed_batches(train_file: str, meta_file: str, processor, global_batch: int,
     return domains, local_train, local_meta, full_train, full_meta
 
 
+def reference_chain_logits(step_logits: torch.Tensor, chain_index: torch.Tensor, aggregation: str) -> torch.Tensor:
+    """Chain logits written out chain by chain, sharing no code with dreamprm.bilevel.aggregation."""
+    chains = []
+    for c in range(int(chain_index.max()) + 1):
+        z = step_logits[chain_index == c]
+        s = 1.0 / (1.0 + torch.exp(-z))
+        p = {"mean_logit": None, "mean": s.mean(), "min": s.min(), "max": s.max(), "product": s.prod(),
+             "last": s[-1]}[aggregation]
+        chains.append(z.mean() if p is None else torch.log(p) - torch.log(1.0 - p))
+    return torch.stack(chains)
+
+
+def reference_meta_loss(chain_logits: torch.Tensor, labels: torch.Tensor, objective: str) -> torch.Tensor:
+    """The meta objectives written out pair by pair, sharing no code with dreamprm.losses."""
+    if objective == "mse":
+        return ((1.0 / (1.0 + torch.exp(-chain_logits)) - labels) ** 2).mean()
+    terms = [torch.log1p(torch.exp(-(chain_logits[i] - chain_logits[j])))
+             for i in range(len(labels)) for j in range(len(labels)) if labels[i] > 0.5 and labels[j] <= 0.5]
+    return torch.stack(terms).mean() if terms else chain_logits.sum() * 0.0
+
+
 def reference_directional(model_dir: str, head: str, seed: int, full_train, full_meta, num_domains: int,
-                          aggregation: str = "mean_logit", dtype=torch.float64) -> torch.Tensor:
-    """d_k in `dtype` without DeepSpeed: ⟨∇(S_k/N), ∇L_meta⟩ by autograd (torch.func.grad)."""
+                          aggregation: str = "mean_logit", objective: str = "mse", dtype=torch.float64) -> torch.Tensor:
+    """d_k in `dtype` without DeepSpeed: ⟨∇(S_k/N), ∇L_meta⟩ by autograd (torch.func.grad), with the
+    losses written here from their definitions (no code shared with what is checked)."""
     from torch.func import functional_call, grad
 
     from dreamprm.model.loading import build_prm
@@ -69,12 +90,14 @@ def reference_directional(model_dir: str, head: str, seed: int, full_train, full
     n = train["target"].numel()
 
     def meta_objective(p):
-        logits = functional_call(model, p, (), model_inputs(meta))
-        return meta_loss(logits, meta["item_index"], meta["target"], aggregation)
+        logits = functional_call(model, p, (), model_inputs(meta)).to(dtype)
+        return reference_meta_loss(reference_chain_logits(logits, meta["item_index"], aggregation), meta["target"],
+                                   objective)
 
     def domain_objective(p, k):
-        logits = functional_call(model, p, (), model_inputs(train))
-        return domain_loss_sums(per_sample_mse(logits, train["target"]).to(dtype), train["domain"], num_domains)[k] / n
+        logits = functional_call(model, p, (), model_inputs(train)).to(dtype)
+        squared = (1.0 / (1.0 + torch.exp(-logits)) - train["target"]) ** 2
+        return squared[train["domain"] == k].sum() / n
 
     v = grad(meta_objective)(params)
     out = []
@@ -92,6 +115,38 @@ def rel_error(a: torch.Tensor, ref: torch.Tensor) -> float:
     return float((a.double() - ref.double()).norm() / ref.double().norm())
 
 
+def objective_grid(engine, info, args, model_dir, train, meta, full_train, full_meta, k, radius, weights) -> dict:
+    """Cosine of exact and fd against the fp64 reference for every meta objective x aggregation."""
+    from dreamprm.config import AGGREGATIONS, META_LOSSES
+    grid = {}
+    snapshot = engine.master_params_snapshot()
+    for objective in META_LOSSES:
+        for aggregation in AGGREGATIONS:
+            v, _ = meta_gradient(engine, meta, aggregation, objective)
+            v_norm = math.sqrt(float(engine.global_dot(v, v)))
+            exact = exact_domain_dots(engine, train, v, k)
+            direction = engine.full_gradients_for_edit(v)
+
+            def sums_at(t):
+                engine.perturb(snapshot, direction, t)
+                return domain_sums_at(engine, train, k)
+            try:
+                fd = hg.central_difference(sums_at, hg.fd_epsilon(radius, v_norm), args.global_batch)
+            finally:
+                engine.restore(snapshot)
+            entry = {"exact": exact.tolist(), "fd": fd.tolist()}
+            if info.rank == 0:
+                ref = hg.hypergradient(reference_directional(model_dir, args.head, args.seed, full_train, full_meta,
+                                                             k, aggregation, objective), weights.logit_gradient)
+                for name, d in (("exact", exact), ("fd", fd)):
+                    entry[f"{name}_cosine"] = cosine(hg.hypergradient(d, weights.logit_gradient), ref)
+                    entry[f"{name}_rel_error"] = rel_error(hg.hypergradient(d, weights.logit_gradient), ref)
+                print(f"grid {objective:>9} {aggregation:>10}: cosine exact {entry['exact_cosine']:.6f} "
+                      f"fd {entry['fd_cosine']:.6f}", flush=True)
+            grid[f"{objective}/{aggregation}"] = entry
+    return grid
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reward_model", default="tiny")
@@ -103,9 +158,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--global_batch", type=int, default=8)
     p.add_argument("--meta_global", type=int, default=4)
     p.add_argument("--radii", default="1e-2,1e-3,1e-4")
+    p.add_argument("--meta_loss", default="mse", choices=("mse", "pairwise"))
+    p.add_argument("--aggregation", default="mean_logit",
+                   choices=("mean_logit", "mean", "min", "max", "product", "last"))
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--repeats", type=int, default=1, help="timed repeats of each estimator")
     p.add_argument("--reference", action="store_true", help="also compute the fp64 reference (rank 0)")
+    p.add_argument("--grid", action="store_true", help="also check exact and fd (smallest radius) against the "
+                   "reference for every meta objective x aggregation (implies --reference)")
     p.add_argument("--out", default=None, help="JSON results (rank 0)")
     args = p.parse_args(argv)
 
@@ -143,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
             best = min(best, time.perf_counter() - t0)
         return value, best
 
-    (v, meta_value), t_v = timed(lambda: meta_gradient(engine, meta, "mean_logit"))
+    (v, meta_value), t_v = timed(lambda: meta_gradient(engine, meta, args.aggregation, args.meta_loss))
     v_norm = math.sqrt(float(engine.global_dot(v, v)))
     results: dict[str, dict] = {}
     d_exact, t = timed(lambda: exact_domain_dots(engine, train, v, k))
@@ -175,7 +235,8 @@ def main(argv: list[str] | None = None) -> None:
                "device": torch.cuda.get_device_name() if info.device.type == "cuda" else "cpu"}
     if args.reference and info.rank == 0:
         t0 = time.perf_counter()
-        ref = reference_directional(model_dir, args.head, args.seed, full_train, full_meta, k)
+        ref = reference_directional(model_dir, args.head, args.seed, full_train, full_meta, k, args.aggregation,
+                                    args.meta_loss)
         ref_hyper = hg.hypergradient(ref, weights.logit_gradient)
         summary["reference"] = {"directional": ref.tolist(), "hypergradient": ref_hyper.tolist(),
                                 "seconds": time.perf_counter() - t0}
@@ -183,6 +244,9 @@ def main(argv: list[str] | None = None) -> None:
             hyper = torch.tensor(entry["hypergradient"], dtype=torch.float64)
             entry["cosine_vs_reference"] = cosine(hyper, ref_hyper)
             entry["rel_error_vs_reference"] = rel_error(torch.tensor(entry["directional"]), ref)
+    if args.grid:
+        summary["grid"] = objective_grid(engine, info, args, model_dir, train, meta, full_train, full_meta, k,
+                                         min(float(x) for x in args.radii.split(",")), weights)
     if info.rank == 0:
         if args.out:
             Path(args.out).write_text(json.dumps(summary, indent=2))

@@ -23,6 +23,8 @@ TINY_MODEL = "tiny"  # --reward_model value that builds the offline tiny Qwen2-V
 
 HYPERGRAD_METHODS = ("exact", "fd", "fd_bf16_naive")
 AGGREGATIONS = ("mean_logit", "mean", "min", "max", "product", "last")
+META_LOSSES = ("pairwise", "mse")
+META_OPTIMIZERS = ("gated", "adamw", "sgd")
 
 
 class ConfigError(ValueError):
@@ -67,15 +69,30 @@ class OptimConfig:
 @dataclass
 class BilevelConfig:
     baseline: bool = _f(False, "train a vanilla PRM: uniform domain weights, no upper level")
-    meta_lr: float = _f(0.01, "domain-weight learning rate (AdamW)")
-    meta_weight_decay: float = _f(0.0, "domain-weight weight decay")
+    meta_lr: float = _f(0.01, "domain-logit learning rate (of --meta_optimizer)")
+    meta_weight_decay: float = _f(0.0, "domain-logit weight decay (pulls the weights toward uniform)")
+    meta_optimizer: str = _f("gated", "domain-logit optimiser: 'gated' (steps only as far as the averaged "
+                             "hypergradient stands out from its noise; docs/hypergradient.md), 'adamw' (the "
+                             "original's), 'sgd'", choices=META_OPTIMIZERS)
+    meta_beta: float = _f(0.98, "--meta_optimizer gated: averaging factor of the hypergradient's moving averages "
+                          "(pools about (1+β)/(1-β) upper steps)")
+    meta_loss: str = _f("pairwise", "upper-level objective: 'pairwise' (right chains scored above wrong ones, "
+                        "-log sigmoid(z_right - z_wrong); what Best-of-N needs) or 'mse' (the original's "
+                        "(sigmoid(z) - label)^2)", choices=META_LOSSES)
     unroll_steps: int = _f(5, "lower-level optimiser steps per segment (one upper step after each)")
-    meta_batch_size: int = _f(1, "meta chains per rank in each upper step")
+    meta_batch_size: int = _f(8, "meta chains per rank in each upper step (the original's 1 leaves the pairwise "
+                              "objective without pairs on one rank)")
     aggregation: str = _f("mean_logit", "step scores -> chain score for the meta loss", choices=AGGREGATIONS)
     hypergrad: str = _f("exact", "hypergradient estimator: 'exact' (per-domain inner products, ε-free), "
                         "'fd' (central difference on fp32 parameters), 'fd_bf16_naive' (the original's)",
                         choices=HYPERGRAD_METHODS)
     fd_radius: float = _f(0.01, "finite difference: ε = fd_radius / ||v||")
+    hypergrad_batches: str = _f("segment", "training micro-batches whose directional derivatives an upper step "
+                                "averages: 'segment' (every one of the segment; less noise, one pass each) or "
+                                "'last' (the original's)", choices=("segment", "last"))
+    hypergrad_geometry: str = _f("sgd", "inner products of the hypergradient: 'sgd' (<∇L_k, v>, DARTS) or 'adam' "
+                                 "(<P ∇L_k, v>, P the PRM optimiser's preconditioner 1/(sqrt(v̂)+eps))",
+                                 choices=("sgd", "adam"))
     weight_check_every: int = _f(10, "check every N upper steps that all ranks hold identical domain weights")
 
 
@@ -126,6 +143,8 @@ class TrainConfig:
         for name, value in positive.items():
             if value < 1:
                 raise ConfigError(f"--{name}: must be >= 1, got {value}")
+        if not 0.0 <= self.bilevel.meta_beta < 1.0:
+            raise ConfigError(f"--meta_beta: must be in [0, 1), got {self.bilevel.meta_beta}")
         for name, value in {"lr": self.optim.lr, "meta_lr": self.bilevel.meta_lr, "fd_radius": self.bilevel.fd_radius}.items():
             if not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"--{name}: must be a positive number, got {value}")

@@ -5,9 +5,12 @@ which is only right at batch size 1.)
 """
 from __future__ import annotations
 
-import torch
+from typing import Callable
 
-from dreamprm.bilevel.aggregation import aggregate
+import torch
+import torch.nn.functional as F
+
+from dreamprm.bilevel.aggregation import aggregate_logits
 
 
 def per_sample_mse(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -25,8 +28,43 @@ def weighted_training_loss(per_sample: torch.Tensor, domain: torch.Tensor, weigh
     return (weights.to(per_sample.device)[domain] * per_sample).sum() / per_sample.numel()
 
 
+def mse_meta_loss(chain_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The original: mean over chains of (sigmoid(chain logit) - correctness label)^2.
+
+    It rewards calibration as much as ranking: a PRM whose chain scores rank right above wrong
+    chains but sit near 0.5 scores near chance (0.25), and its gradient follows label means."""
+    return ((torch.sigmoid(chain_logits) - labels) ** 2).mean()
+
+
+def pairwise_meta_loss(chain_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean over (right, wrong) chain pairs of -log sigmoid(z_right - z_wrong), z the chain logit.
+
+    What Best-of-N needs: right chains ranked above wrong ones. A shift of every score leaves it
+    unchanged, so label means and calibration cannot steer the hypergradient. log 2 = chance.
+    A batch without both kinds of chain contributes 0 (and no gradient)."""
+    right = labels > 0.5
+    pairs = right[:, None] & ~right[None, :]
+    if not bool(pairs.any()):
+        return chain_logits.sum() * 0.0
+    margins = chain_logits[:, None] - chain_logits[None, :]
+    return F.softplus(-margins[pairs]).mean()
+
+
+META_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "mse": mse_meta_loss, "pairwise": pairwise_meta_loss,
+}
+META_LOSS_CHANCE = {"mse": 0.25, "pairwise": 0.6931}  # value of a PRM that scores every chain alike
+
+
+def chain_meta_loss(chain_logits: torch.Tensor, labels: torch.Tensor, objective: str = "mse") -> torch.Tensor:
+    """The upper-level objective over chain logits [chains] and correctness labels [chains]."""
+    if objective not in META_LOSSES:
+        raise ValueError(f"--meta_loss: unknown objective {objective!r}; choose one of {sorted(META_LOSSES)}")
+    return META_LOSSES[objective](chain_logits, labels.to(chain_logits.dtype))
+
+
 def meta_loss(step_logits: torch.Tensor, chain_index: torch.Tensor, labels: torch.Tensor,
-              aggregation: str = "mean_logit") -> torch.Tensor:
-    """Mean over chains of (aggregate(step scores) - correctness label)^2."""
-    chain_scores = aggregate(aggregation, step_logits.float(), chain_index, labels.numel())
-    return ((chain_scores - labels.float()) ** 2).mean()
+              aggregation: str = "mean_logit", objective: str = "mse") -> torch.Tensor:
+    """The upper-level objective of one batch of chains, from their step logits."""
+    chain_logits = aggregate_logits(aggregation, step_logits.float(), chain_index, labels.numel())
+    return chain_meta_loss(chain_logits, labels, objective)

@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from dreamprm.bilevel.domain_weights import DomainWeights
+from dreamprm.bilevel.meta_optimizer import build_meta_optimizer
 from dreamprm.bilevel.upper import UpperResult, model_inputs, upper_step
 from dreamprm.checkpoint import (Checkpointer, CheckpointWriteError, checkpoint_name, complete_checkpoints,
                                  format_bytes)
@@ -142,8 +143,9 @@ class Trainer:
         self.processor = load_processor(self.reward_model, trust_remote_code=config.model.trust_remote_code)
         self.engine = self._build_engine()
         self.domain_weights = DomainWeights(list(self.domains))
-        self.meta_optimizer = torch.optim.AdamW(self.domain_weights.parameters(), lr=bilevel.meta_lr,
-                                                weight_decay=bilevel.meta_weight_decay)
+        self.meta_optimizer = build_meta_optimizer(bilevel.meta_optimizer, self.domain_weights.parameters(),
+                                                   lr=bilevel.meta_lr, weight_decay=bilevel.meta_weight_decay,
+                                                   beta=bilevel.meta_beta)
         self._build_data(train_records, meta_records)
         self.state = TrainState()
         self._saved: tuple[int, Path] | None = None  # (step, folder) of the last checkpoint written
@@ -167,6 +169,11 @@ class Trainer:
         if len(train) < global_batch:
             raise DataValidationError([f"{data.train_json_file}: file: {len(train)} records cannot fill one global "
                                        f"batch of {global_batch} (--batch_size x world size)"])
+        b = self.config.bilevel
+        if not b.baseline and b.meta_loss == "pairwise" and b.meta_batch_size * self.info.world_size < 2:
+            raise ConfigError("--meta_loss pairwise compares right with wrong meta chains, and one upper step sees "
+                              f"{b.meta_batch_size * self.info.world_size} chain (--meta_batch_size x world size): "
+                              "use --meta_batch_size 8 (the default) or more, or --meta_loss mse")
         if not self.config.bilevel.baseline and len(meta) < self.config.bilevel.meta_batch_size * self.info.world_size:
             raise DataValidationError([f"{data.meta_json_file}: file: {len(meta)} records cannot fill one meta batch "
                                        f"of {self.config.bilevel.meta_batch_size * self.info.world_size} "
@@ -248,10 +255,20 @@ class Trainer:
             self._saved = (trainer_state["state"]["step"], folder)
         self.state = TrainState(**trainer_state["state"])
         self.domain_weights.load_state_dict(trainer_state["domain_weights"])
-        self.meta_optimizer.load_state_dict(trainer_state["meta_optimizer"])
+        # Another optimiser's state does not fit this one (a run branched from a checkpoint may choose
+        # its own): it starts fresh. Checkpoints without the kind say it through their hyperparameters.
+        groups = trainer_state["meta_optimizer"]["param_groups"]
+        saved_kind = trainer_state.get("meta_optimizer_kind") or (
+            "adamw" if "betas" in groups[0] else "gated" if "beta" in groups[0] else "sgd")
+        same_kind = saved_kind == self.config.bilevel.meta_optimizer
+        if same_kind:
+            self.meta_optimizer.load_state_dict(trainer_state["meta_optimizer"])
         changes = self._apply_configured_hyperparameters()
         if self.engine.is_main:
             print(f"resumed from {folder} at step {self.state.step}", flush=True)
+            if not same_kind:
+                print(f"resume: --meta_optimizer {self.config.bilevel.meta_optimizer} starts with a fresh state (the "
+                      f"checkpoint's domain-logit optimiser was {saved_kind}); the domain weights are kept", flush=True)
             for name, (saved, now) in changes.items():
                 print(f"resume: --{name} {now:g} replaces the checkpoint's {saved:g}", flush=True)
 
@@ -263,8 +280,8 @@ class Trainer:
         changes = self.engine.override_hyperparameters(o.lr, o.weight_decay)
         for group in self.meta_optimizer.param_groups:
             for key, flag, value in (("lr", "meta_lr", b.meta_lr), ("weight_decay", "meta_weight_decay",
-                                                                    b.meta_weight_decay)):
-                if group[key] != value:
+                                                                    b.meta_weight_decay), ("beta", "meta_beta", b.meta_beta)):
+                if key in group and group[key] != value:
                     changes[flag] = (group[key], value)
                     group[key] = value
         return changes
@@ -284,7 +301,7 @@ class Trainer:
     def _trainer_state(self) -> dict[str, Any]:
         return {"state": self.state.as_dict(), "domains": self.domains,
                 "domain_weights": self.domain_weights.state_dict(), "meta_optimizer": self.meta_optimizer.state_dict(),
-                "identity": self._identity()}
+                "meta_optimizer_kind": self.config.bilevel.meta_optimizer, "identity": self._identity()}
 
     def _identity(self) -> dict[str, str]:
         """What a checkpoint must share with the run that resumes it (besides the domains)."""
@@ -349,29 +366,32 @@ class Trainer:
         """
         run, bilevel = self.config.run, self.config.bilevel
         remaining = bilevel.unroll_steps - self.state.step % bilevel.unroll_steps
+        segment_batches: list[dict[str, torch.Tensor]] = []
         for i in range(remaining):
             if self.state.step >= run.iteration_num:
                 return True, None
             result = self.lower_step(window)
             if result is None:
                 return True, None
-            last_batch, stop = result
+            step_batches, stop = result
+            segment_batches = segment_batches + step_batches if bilevel.hypergrad_batches == "segment" else step_batches
             if i < remaining - 1:
                 if self.state.step % run.save_every_iterations == 0:
                     self.save_checkpoint()
                 if stop is not None:
                     return False, stop
         if not bilevel.baseline:
-            self.run_upper_step(last_batch)
+            # A segment resumed mid-way holds only the batches seen since the resume.
+            self.run_upper_step(segment_batches if bilevel.hypergrad_batches == "segment" else segment_batches[-1:])
         if self.state.step % run.save_every_iterations == 0:
             self.save_checkpoint()
         finished = self.state.step >= run.iteration_num
         return finished, None if finished else stop
 
-    def lower_step(self, window: Window) -> tuple[dict[str, torch.Tensor], int | None] | None:
+    def lower_step(self, window: Window) -> tuple[list[dict[str, torch.Tensor]], int | None] | None:
         """One PRM optimiser step over `gradiant_accumulation` micro-batches with the current weights.
 
-        Returns (last micro-batch, stop signal or None), or None when the data is exhausted.
+        Returns (its micro-batches, stop signal or None), or None when the data is exhausted.
         """
         weights = self.domain_weights().detach().float().to(self.info.device)
         nonfinite = torch.zeros((), device=self.info.device)
@@ -409,16 +429,16 @@ class Trainer:
                 self._accumulate(window, batch, per_sample, loss)
         if self.state.step % self.config.run.log_every == 0:
             self.log_window(window)
-        return micro_batches[-1][0], int(stop) or None
+        return [batch for batch, _, _ in micro_batches], int(stop) or None
 
-    def run_upper_step(self, train_batch: dict[str, torch.Tensor]) -> None:
+    def run_upper_step(self, train_batches: list[dict[str, torch.Tensor]]) -> None:
         b = self.config.bilevel
         started = time.perf_counter()
         meta_batch = self.engine.to_device(self.next_meta_batch())
         inject = self.info.rank == 0 and self.state.upper_steps + 1 in self.faults["upper"]
-        result = upper_step(self.engine, self.domain_weights, self.meta_optimizer, meta_batch, train_batch,
-                            method=b.hypergrad, radius=b.fd_radius, aggregation=b.aggregation,
-                            meta_loss_scale=float("nan") if inject else 1.0)
+        result = upper_step(self.engine, self.domain_weights, self.meta_optimizer, meta_batch, train_batches,
+                            method=b.hypergrad, radius=b.fd_radius, aggregation=b.aggregation, objective=b.meta_loss,
+                            geometry=b.hypergrad_geometry, meta_loss_scale=float("nan") if inject else 1.0)
         seconds = time.perf_counter() - started  # synchronised: the result came through all-reduces
         self.state.upper_steps += 1
         if result.applied:
@@ -507,6 +527,10 @@ class Trainer:
             values[f"hypergrad/{name}"] = float(result.hypergradient[i])
         for name, w in self.domain_weights.as_dict().items():
             values[f"domain_weight/{name}"] = w
+        gate = self.meta_optimizer.state.get(self.domain_weights.logits, {}).get("gate")
+        if gate is not None:  # --meta_optimizer gated: how far each domain's signal stands out from noise
+            for name, i in self.domains.items():
+                values[f"meta_gate/{name}"] = float(gate[i])
         self.logger.scalars(step, values)
 
     # ------------------------------------------------------------------ checkpoint and end

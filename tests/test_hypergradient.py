@@ -41,8 +41,16 @@ def test_exact_and_fd_match_the_fp64_reference_in_fp32(fp32_one_rank):
 
 
 def test_two_zero3_ranks_give_the_one_rank_hypergradient(tiny_model, tmp_path, fp32_one_rank):
-    two = fidelity(tiny_model, tmp_path / "two.json", 2, "--reference", "--radii", "1e-2,1e-3")
+    # --grid: every meta objective x aggregation, exact and fd, against the fp64 reference. The meta
+    # batch puts both right chains on rank 0 and both wrong ones on rank 1, so the pairwise objective
+    # only has pairs across ranks: the all-gather of chain scores must carry them.
+    two = fidelity(tiny_model, tmp_path / "two.json", 2, "--reference", "--radii", "1e-2,1e-3", "--grid")
     assert two["world_size"] == 2
+    assert len(two["grid"]) == 12
+    for combo, entry in two["grid"].items():
+        assert entry["exact_cosine"] >= 0.9999 and entry["exact_rel_error"] < 1e-3, (combo, entry)
+        assert entry["fd_cosine"] >= 0.999, (combo, entry)
+    assert max(abs(x) for x in two["grid"]["pairwise/mean_logit"]["exact"]) > 0
     for name in ("exact", "fd@0.01", "fd@0.001"):
         a = torch.tensor(fp32_one_rank["estimators"][name]["hypergradient"])
         b = torch.tensor(two["estimators"][name]["hypergradient"])

@@ -97,6 +97,20 @@ def test_a_branched_run_uses_its_own_learning_rates_not_the_checkpoints(tiny_mod
     assert "replaces the checkpoint's" not in run_train(same).stdout
 
 
+def test_a_branched_run_may_choose_another_domain_logit_optimiser(tiny_model, one_rank, tmp_path):
+    # The checkpoint holds the default (gated) optimiser's state, which does not fit AdamW: the
+    # branch starts AdamW fresh, keeps the domain weights, and says so.
+    checkpoint = one_rank / "checkpoints" / "step_00000008"
+    flags = small_run_args(tiny_model, tmp_path, "--unroll_steps", "2", "--hypergrad", "exact", "--batch_size", "4",
+                           "--meta_batch_size", "2", "--iteration_num", "10", "--resume", str(checkpoint),
+                           "--meta_optimizer", "adamw", "--save_every_iterations", "2", "--no-export")
+    out = run_train(flags).stdout
+    assert "resume: --meta_optimizer adamw starts with a fresh state (the checkpoint's domain-logit optimiser " \
+           "was gated); the domain weights are kept" in out
+    saved = torch.load(tmp_path / "checkpoints" / "step_00000010" / "trainer_state.pt", weights_only=True)
+    assert saved["meta_optimizer_kind"] == "adamw" and "betas" in saved["meta_optimizer"]["param_groups"][0]
+
+
 def test_export_reloads_without_deepspeed_and_scores_like_the_engine(tiny_model, one_rank, tmp_path):
     checkpoint = one_rank / "checkpoints" / "step_00000008"
     flags = small_run_args(tiny_model, one_rank, *SHORT, "--batch_size", "4", "--meta_batch_size", "2",

@@ -215,7 +215,7 @@ def our_trainer(model_dir: Path, data_dir: Path, out: Path, segments: int, batch
     cmd = [sys.executable, str(REPO / "launch" / "train.py"), "--reward_model", str(model_dir),
            "--train_json_file", str(data_dir / "train.json"), "--meta_json_file", str(data_dir / "meta.json"),
            "--weights_path", str(out), "--batch_size", str(batch_size), "--meta_batch_size", "1",
-           "--iteration_num", str(steps), "--unroll_steps", "5", "--log_every", "5", "--no-export",
+           "--meta_loss", "mse", "--iteration_num", str(steps), "--unroll_steps", "5", "--log_every", "5", "--no-export",
            "--save_every_iterations", str(10 * steps), *extra]
     env = dict(os.environ, PYTHONPATH=str(REPO), HWLOC_COMPONENTS="-gl")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)

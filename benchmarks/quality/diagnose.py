@@ -2,19 +2,21 @@
 """How much domain signal one upper step sees: the DARTS hypergradient's signal-to-noise ratio at
 fixed PRM parameters, from per-sample gradients (plain autograd, no DeepSpeed).
 
-With g_i = ∂loss_i/∂θ for every training record and u_j = ∂(score_j - label_j)²/∂θ for every meta
-chain, one upper step on a training batch B (N records) and a meta batch M computes
+With g_i = ∂loss_i/∂θ for every training record and h_j = ∂z_j/∂θ for every meta chain's logit z_j,
+one upper step on a training batch B (N records) and a meta batch M computes
 
-    d_k = (1/N) Σ_{i∈B, domain k} ⟨g_i, v_M⟩,   v_M = (1/|M|) Σ_{j∈M} u_j,
+    d_k = (1/N) Σ_{i∈B, domain k} ⟨g_i, v_M⟩,   v_M = Σ_{j∈M} c_j h_j,   c_j = ∂L_meta(z_M)/∂z_j,
 
-and, at uniform weights, the hypergradient moves domain k's logit by -(d_k - mean_k d) times a
-constant. This script computes D[i, j] = ⟨g_i, u_j⟩ once and draws many (B, M) pairs of the trainer's
-sizes from it: the mean of d_k - mean(d) is the signal, its spread over draws the noise, and
-P(right sign) how often one upper step moves domain k the way its quality says (clean up, the
-inverted and the noisiest down).
+where the coefficients c_j depend on the meta objective (``--meta_loss``; for the pairwise one on
+every chain of M). At uniform weights the hypergradient moves domain k's logit by -(d_k - mean_k d)
+times a constant. This script computes D[i, j] = ⟨g_i, h_j⟩ once and draws many (B, M) pairs of the
+trainer's sizes from it: the mean of d_k - mean(d) is the signal, its spread over draws the noise, and
+P(up) how often one upper step moves domain k up. A segment of U lower steps whose batches are all
+used (--hypergrad_batches segment) is the size (U·N)xM.
 
-    python benchmarks/quality/diagnose.py --prm runs/quality/runs/vanilla-s0/export \\
-        --train runs/quality/task/train.json --meta runs/quality/task/meta.json --sizes 16x8,64x32 --lookahead 0.01
+    python benchmarks/quality/diagnose.py --prm runs/quality/noise/runs/vanilla-s0/export \
+        --train runs/quality/noise/task/train.json --meta runs/quality/noise/task/meta.json \
+        --sizes 16x8,32x8 --meta_loss mse,pairwise
 """
 from __future__ import annotations
 
@@ -28,11 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
 import torch  # noqa: E402
 
-from dreamprm.bilevel.aggregation import AGGREGATIONS  # noqa: E402
+from dreamprm.bilevel.aggregation import AGGREGATIONS, aggregate_logits  # noqa: E402
 from dreamprm.bilevel.upper import model_inputs  # noqa: E402
 from dreamprm.data.datasets import MetaDataset, PRMCollator, TrainDataset  # noqa: E402
 from dreamprm.data.records import domain_index, load_meta_records, load_train_records  # noqa: E402
-from dreamprm.losses import meta_loss, per_sample_mse  # noqa: E402
+from dreamprm.losses import META_LOSSES, chain_meta_loss, meta_loss, per_sample_mse  # noqa: E402
 
 
 def load_model(path: str, seed: int):
@@ -51,28 +53,38 @@ def flat_grad(model, loss) -> torch.Tensor:
 
 
 def dot_matrix(model, processor, train_file: str, meta_file: str, aggregation: str):
-    """D [train records, meta chains], the domain index of each record, the train and meta losses."""
+    """D [train records, meta chains] = ⟨g_i, ∂z_j/∂θ⟩, the domain index of each record, the train
+    losses, and each meta chain's logit z_j and label."""
     train = load_train_records(train_file)
     meta = load_meta_records(meta_file)
     domains = domain_index(train)
     collate = PRMCollator(processor)
     train_set, meta_set = TrainDataset(train, domains), MetaDataset(meta)
     model.eval()  # no dropout in the tiny model either way; eval makes it explicit
-    u, meta_losses = [], []
+    h, chain_logits, labels = [], [], []
     for j in range(len(meta_set)):
         batch = collate([meta_set[j]])
-        loss = meta_loss(model(**model_inputs(batch)), batch["item_index"], batch["target"], aggregation)
-        meta_losses.append(float(loss.detach()))
-        u.append(flat_grad(model, loss))
-    u = torch.stack(u)  # (M, P)
+        z = aggregate_logits(aggregation, model(**model_inputs(batch)).float(), batch["item_index"], 1)[0]
+        chain_logits.append(float(z.detach()))
+        labels.append(float(batch["target"][0]))
+        h.append(flat_grad(model, z))
+    h = torch.stack(h)  # (M, P)
     rows, dom, train_losses = [], [], []
     for i in range(len(train_set)):
         batch = collate([train_set[i]])
         loss = per_sample_mse(model(**model_inputs(batch)), batch["target"]).sum()
         train_losses.append(float(loss.detach()))
-        rows.append(u @ flat_grad(model, loss))
+        rows.append(h @ flat_grad(model, loss))
         dom.append(int(batch["domain"][0]))
-    return domains, torch.stack(rows).double(), torch.tensor(dom), train_losses, meta_losses
+    return (domains, torch.stack(rows).double(), torch.tensor(dom), train_losses,
+            (torch.tensor(chain_logits, dtype=torch.float64), torch.tensor(labels, dtype=torch.float64)))
+
+
+def meta_coefficients(chain_logits: torch.Tensor, labels: torch.Tensor, objective: str) -> torch.Tensor:
+    """c_j = ∂L_meta/∂z_j for the chains of one meta batch."""
+    z = chain_logits.clone().requires_grad_(True)
+    (c,) = torch.autograd.grad(chain_meta_loss(z, labels, objective), z, allow_unused=True)
+    return torch.zeros_like(z) if c is None else c
 
 
 def lookahead(model, processor, train_file: str, meta_file: str, aggregation: str,
@@ -117,6 +129,7 @@ def lookahead(model, processor, train_file: str, meta_file: str, aggregation: st
 
 
 def simulate(D: torch.Tensor, dom: torch.Tensor, k: int, batch: int, meta_batch: int, draws: int, seed: int,
+             chains: tuple[torch.Tensor, torch.Tensor], objective: str,
              lengths: tuple[list[int], list[int]] | None = None):
     """Centred directional derivatives d_k - mean(d) over `draws` (train batch, meta batch) pairs.
 
@@ -124,6 +137,7 @@ def simulate(D: torch.Tensor, dom: torch.Tensor, k: int, batch: int, meta_batch:
     length-grouped `DistributedBatchSampler` yields (draws taken from its epochs in turn)."""
     rng = random.Random(seed)
     n, m = D.shape
+    chain_logits, labels = chains
     if lengths is not None:
         from dreamprm.data.sampler import DistributedBatchSampler
         train_batches, meta_batches = [], []
@@ -139,7 +153,8 @@ def simulate(D: torch.Tensor, dom: torch.Tensor, k: int, batch: int, meta_batch:
         else:
             b = torch.tensor(rng.sample(range(n), batch))
             mm = torch.tensor(rng.sample(range(m), meta_batch))
-        per_record = D[b][:, mm].mean(dim=1) / batch  # (1/N) ⟨g_i, v_M⟩
+        c = meta_coefficients(chain_logits[mm], labels[mm], objective)
+        per_record = (D[b][:, mm] * c).sum(dim=1) / batch  # (1/N) ⟨g_i, v_M⟩
         d = torch.zeros(k, dtype=torch.float64).index_add(0, dom[b], per_record)
         out[t] = d - d.mean()
     return out
@@ -155,6 +170,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="comma-separated BATCHxMETA_BATCH sizes of one upper step to simulate, e.g. 16x8,64x32")
     parser.add_argument("--aggregation", default="mean_logit", choices=sorted(AGGREGATIONS),
                         help="step scores -> chain score in the meta loss (the trainer's --aggregation)")
+    parser.add_argument("--meta_loss", default="mse,pairwise",
+                        help=f"comma-separated meta objectives to simulate ({', '.join(META_LOSSES)})")
     parser.add_argument("--draws", type=int, default=2000)
     parser.add_argument("--sampler", default="random", choices=("random", "trainer"),
                         help="batches drawn uniformly at random, or the trainer's length-grouped batches")
@@ -167,40 +184,44 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(0)
     model, processor = load_model(args.prm, args.seed)
     if args.cache and Path(args.cache).is_file():
-        domains, D, dom, train_losses, meta_losses = torch.load(args.cache)
+        domains, D, dom, train_losses, chains = torch.load(args.cache)
     else:
-        domains, D, dom, train_losses, meta_losses = dot_matrix(model, processor, args.train, args.meta,
-                                                                args.aggregation)
+        domains, D, dom, train_losses, chains = dot_matrix(model, processor, args.train, args.meta, args.aggregation)
         if args.cache:
-            torch.save((domains, D, dom, train_losses, meta_losses), args.cache)
+            torch.save((domains, D, dom, train_losses, chains), args.cache)
     k = len(domains)
     names = list(domains)
-    # Full-data signal: the centred d_k with every record and every meta chain.
-    per_record = D.mean(dim=1)
-    full = torch.zeros(k, dtype=torch.float64).index_add(0, dom, per_record) / len(dom)
-    full = full - full.mean()
+    objectives = args.meta_loss.split(",")
     summary = {"prm": args.prm, "aggregation": args.aggregation, "train_loss": sum(train_losses) / len(train_losses),
-               "meta_loss": sum(meta_losses) / len(meta_losses), "full": dict(zip(names, full.tolist())), "sizes": {}}
-    print(f"{args.prm} (meta aggregation {args.aggregation}): train loss {summary['train_loss']:.4f}, "
-          f"meta loss {summary['meta_loss']:.4f}; {args.draws} draws per size, {args.sampler} batches")
-    print(f"{'domain':>10} {'full d_k-mean':>14}" + "".join(f" {'SNR ' + size:>12} {'P(up)':>6}"
-                                                          for size in args.sizes.split(",")))
+               "meta_loss": {o: float(chain_meta_loss(chains[0], chains[1], o)) for o in objectives}, "full": {},
+               "sizes": {}}
+    print(f"{args.prm} (meta aggregation {args.aggregation}): train loss {summary['train_loss']:.4f}, meta loss "
+          + ", ".join(f"{o} {v:.4f}" for o, v in summary["meta_loss"].items())
+          + f"; {args.draws} draws per size, {args.sampler} batches")
     lengths = None
     if args.sampler == "trainer":  # the length proxies the trainer groups batches by
         train = load_train_records(args.train)
         lengths = (TrainDataset(train, domain_index(train)).lengths(),
                    MetaDataset(load_meta_records(args.meta)).lengths())
-    table = {}
-    for size in args.sizes.split(","):
-        batch, meta_batch = (int(x) for x in size.split("x"))
-        sims = simulate(D, dom, k, batch, meta_batch, args.draws, args.seed, lengths)
-        mean, std = sims.mean(0), sims.std(0)
-        table[size] = {name: {"mean": float(mean[i]), "std": float(std[i]), "snr": float(mean[i] / std[i]),
-                              "p_up": float((sims[:, i] > 0).double().mean())} for i, name in enumerate(names)}
-    summary["sizes"] = table
-    for i, name in enumerate(names):
-        print(f"{name:>10} {float(full[i]):>+14.3e}" + "".join(
-            f" {table[size][name]['snr']:>+12.3f} {table[size][name]['p_up']:>6.3f}" for size in table))
+    for objective in objectives:
+        # Full-data signal: the centred d_k with every record and every meta chain.
+        c = meta_coefficients(chains[0], chains[1], objective)
+        full = torch.zeros(k, dtype=torch.float64).index_add(0, dom, D @ c) / len(dom)
+        full = full - full.mean()
+        summary["full"][objective] = dict(zip(names, full.tolist()))
+        table = {}
+        for size in args.sizes.split(","):
+            batch, meta_batch = (int(x) for x in size.split("x"))
+            sims = simulate(D, dom, k, batch, meta_batch, args.draws, args.seed, chains, objective, lengths)
+            mean, std = sims.mean(0), sims.std(0)
+            table[size] = {name: {"mean": float(mean[i]), "std": float(std[i]), "snr": float(mean[i] / std[i]),
+                                  "p_up": float((sims[:, i] > 0).double().mean())} for i, name in enumerate(names)}
+        summary["sizes"][objective] = table
+        print(f"--meta_loss {objective}")
+        print(f"{'domain':>12} {'full d_k-mean':>14}" + "".join(f" {'SNR ' + size:>12} {'P(up)':>6}" for size in table))
+        for i, name in enumerate(names):
+            print(f"{name:>12} {float(full[i]):>+14.3e}" + "".join(
+                f" {table[size][name]['snr']:>+12.3f} {table[size][name]['p_up']:>6.3f}" for size in table))
     if args.lookahead:
         print(f"one gradient step (lr {args.lookahead:g}) on each domain alone: meta loss change "
               "(measured, first order)")

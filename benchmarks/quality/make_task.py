@@ -10,13 +10,17 @@ steps and 5% of right ones, a lexical cue a tiny PRM learns in minutes on a CPU.
 domain's chains contain a wrong step, which centres every domain's mean label near 0.5, the meta
 labels' mean (a domain whose mean label differs would be judged by its bias, not its information).
 
-Training domains (`dataset`), all drawn the same way, differing only in their labels:
+Three tasks (``--task``), each a set of training domains that differ in their labels:
 
-    clean      the simulated Monte Carlo accuracy of the prefix
-    noisy_20   20% of the labels replaced by the label of a random record of the same domain
-    noisy_50   50% likewise
-    noisy_80   80% likewise
-    inverted   1 - the true label; 1.5 times as many chains as each other domain (INVERTED_SIZE)
+    noise        clean, noisy_20/50/80 (that share of labels replaced by the label of a random record of
+                 the same domain), inverted (1 - the true label; 1.5x the chains). Every domain's mean
+                 label is centred near 0.5. Quality axis: the share of labels without information.
+    label_mean   domains that differ in label mean but not in quality: easy (clean, 20% of chains
+                 wrong, mean label ~0.8) and hard (clean, 97% wrong, ~0.36), plus noisy_80 and
+                 inverted (1.5x). Two clean domains should end with similar weights.
+    real         corruptions that occur in real PRM data: outcome_only (every prefix labelled with the
+                 chain's final correctness, 0 or 1) and missed_error (1.5x: the rollouts miss the
+                 wrong step, so it and every later prefix keep the label of a right chain), beside clean.
 
 Random-record replacement keeps each domain's label distribution and destroys only information
 (uniform random values would act like label smoothing, which a meta objective can prefer).
@@ -25,7 +29,7 @@ Writes, under ``--out``:
 
     images/*.png       56x56 scenes (train_<domain>_NNN, meta_NNN, test_NNN)
     train.json         all five domains (lower level)
-    train_clean.json   the clean domain alone (the learnability check)
+    train_clean.json   the clean domain(s) alone (the learnability check)
     meta.json          clean meta chains, half right, half wrong (upper level)
     test.json          Best-of-N candidates: N = 8 chains per question, 1-4 of them right
     task.json          the manifest: seed, sizes, per-domain noise and label means
@@ -43,6 +47,7 @@ import json
 import os
 import random
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent.parent
@@ -57,25 +62,34 @@ def _load_demo_module():
 
 demo = _load_demo_module()
 
-# Domain name -> (kind, fraction of labels replaced). `noise` is the quality axis of the benchmark:
-# the fraction of a domain's labels that carry no information, with the inverted domain (labels that
-# carry wrong information) ranked below the noisiest one.
-DOMAINS = {
-    "clean": ("clean", 0.0),
-    "noisy_20": ("replace", 0.2),
-    "noisy_50": ("replace", 0.5),
-    "noisy_80": ("replace", 0.8),
-    "inverted": ("inverted", 1.0),
-}
-# Chains of the inverted domain, in units of --chains_per_domain (the others have 1). 1.5: with
-# equal sizes it cancels only the clean domain, the other domains' labels shrink toward the mean
-# without changing their order, and a vanilla PRM ranks candidates as well as one trained on clean
-# data alone (measured: Best-of-8 0.854 vs 0.844), which leaves nothing for reweighting to win.
+# Chains of a domain that outweighs the clean one, in units of --chains_per_domain. 1.5: with equal
+# sizes the other domains' labels shrink toward the mean without changing their order, and a vanilla
+# PRM ranks candidates as well as one trained on clean data alone (measured: Best-of-8 0.854 vs
+# 0.844), which leaves nothing for reweighting to win.
 INVERTED_SIZE = 1.5
 # Share of training chains with a wrong step. The demo's 0.62 gives mean labels near 0.57 (a wrong
 # chain's prefixes before its wrong step score high); 0.72 centres them at 0.5 (measured on 2000
-# chains: 0.62 -> 0.571, 0.68 -> 0.539, 0.70 -> 0.517, 0.72 -> 0.510).
+# chains: 0.62 -> 0.571, 0.68 -> 0.539, 0.70 -> 0.517, 0.72 -> 0.510). 0.2 gives ~0.80, 0.97 ~0.36.
 P_CHAIN_ERROR = 0.72
+
+
+@dataclass(frozen=True)
+class Domain:
+    kind: str  # clean | replace | inverted | outcome | missed_error
+    noise: float  # the quality axis of the task (share of labels without information; inverted 1)
+    p_error: float = P_CHAIN_ERROR  # share of chains with a wrong step
+    size: float = 1.0  # chains, in units of --chains_per_domain
+
+
+TASKS: dict[str, dict[str, Domain]] = {
+    "noise": {"clean": Domain("clean", 0.0), "noisy_20": Domain("replace", 0.2), "noisy_50": Domain("replace", 0.5),
+              "noisy_80": Domain("replace", 0.8), "inverted": Domain("inverted", 1.0, size=INVERTED_SIZE)},
+    "label_mean": {"easy": Domain("clean", 0.0, p_error=0.2), "hard": Domain("clean", 0.0, p_error=0.97),
+                   "noisy_80": Domain("replace", 0.8), "inverted": Domain("inverted", 1.0, size=INVERTED_SIZE)},
+    "real": {"clean": Domain("clean", 0.0), "outcome_only": Domain("outcome", 0.5),
+             "missed_error": Domain("missed_error", 1.0, size=INVERTED_SIZE)},
+}
+DOMAINS = TASKS["noise"]
 N_CANDIDATES = 8
 MAX_RIGHT = 4  # a test question has 1..MAX_RIGHT right candidates out of N_CANDIDATES
 
@@ -94,56 +108,68 @@ def sample_chain(item: dict, rng: random.Random, correct: bool) -> tuple[list[st
     return steps, answer, err
 
 
-def corrupt_labels(kind: str, fraction: float, records: list[dict], rng: random.Random) -> int:
+def corrupt_labels(domain: Domain, records: list[dict], chains: dict[str, tuple[int, int | None]],
+                   rng: random.Random) -> int:
     """Corrupt one domain's `accuracy` labels in place; returns how many were changed.
 
-    'replace': each label, with probability `fraction`, becomes the (true) label of a random record
-    of the same domain. 'inverted': every label becomes 1 - label.
+    'replace': each label, with probability `noise`, becomes the (true) label of a random record of
+    the same domain. 'inverted': every label becomes 1 - label. 'outcome': every prefix gets its
+    chain's final correctness. 'missed_error': in a wrong chain, the wrong step and every later
+    prefix are labelled as if the chain had stayed right. `chains`: id -> (steps, wrong step or None).
     """
-    if kind == "clean":
-        return 0
-    if kind == "inverted":
-        for r in records:
-            r["accuracy"] = 1.0 - r["accuracy"]
-        return len(records)
-    pool = [r["accuracy"] for r in records]
     changed = 0
+    pool = [r["accuracy"] for r in records]
     for r in records:
-        if rng.random() < fraction:
-            r["accuracy"] = rng.choice(pool)
-            changed += 1
+        n_steps, err = chains[r["id"]]
+        if domain.kind == "clean":
+            new = r["accuracy"]
+        elif domain.kind == "inverted":
+            new = 1.0 - r["accuracy"]
+        elif domain.kind == "replace":
+            new = rng.choice(pool) if rng.random() < domain.noise else r["accuracy"]
+        elif domain.kind == "outcome":
+            new = 0.0 if err is not None else 1.0
+        elif domain.kind == "missed_error":
+            new = demo.mc_accuracy(n_steps, r["sid"], None, rng) if err is not None and err < r["sid"] else r["accuracy"]
+        else:
+            raise ValueError(f"unknown corruption {domain.kind!r}")
+        changed += new != r["accuracy"]
+        r["accuracy"] = new
     return changed
 
 
-def build_train(seed: int, out: Path, chains_per_domain: int,
+def build_train(seed: int, out: Path, chains_per_domain: int, task: str = "noise",
                 inverted_size: float = INVERTED_SIZE) -> tuple[list[dict], dict[str, dict]]:
     records: list[dict] = []
     stats: dict[str, dict] = {}
-    for domain, (kind, fraction) in DOMAINS.items():
-        rng = random.Random(f"quality/{seed}/train/{domain}")
+    for name, domain in TASKS[task].items():
+        rng = random.Random(f"quality/{seed}/train/{name}" if task == "noise" else f"quality/{task}/{seed}/train/{name}")
         first = len(records)
-        # Exactly round((1 - P_CHAIN_ERROR) * n) right chains per domain: the domains' mean labels then
+        # Exactly round((1 - p_error) * n) right chains per domain: the domains' mean labels then
         # differ by little more than the step-count draw, not by a binomial draw of right chains.
-        chains = round(chains_per_domain * (inverted_size if kind == "inverted" else 1))
-        n_right = round((1.0 - P_CHAIN_ERROR) * chains)
+        size = inverted_size if domain.size != 1.0 else 1.0
+        chains = round(chains_per_domain * size)
+        n_right = round((1.0 - domain.p_error) * chains)
         flags = [True] * n_right + [False] * (chains - n_right)
         rng.shuffle(flags)
+        shapes: dict[str, tuple[int, int | None]] = {}
         for i, correct in enumerate(flags):
-            item = demo.new_item(rng, str(out), f"train_{domain}_{i:03d}")
+            item = demo.new_item(rng, str(out), f"train_{name}_{i:03d}")
             steps, _, err = sample_chain(item, rng, correct)
+            shapes[f"{name}-{i:03d}"] = (len(steps), err)
             for sid in range(1, len(steps) + 1):
                 records.append({
-                    "id": f"{domain}-{i:03d}", "sid": sid, "input": item["question"],
+                    "id": f"{name}-{i:03d}", "sid": sid, "input": item["question"],
                     "add": "\n".join(f"Step {k + 1}: {s}" for k, s in enumerate(steps[:sid])),
-                    "image_path": item["image_path"], "dataset": domain,
+                    "image_path": item["image_path"], "dataset": name,
                     "accuracy": demo.mc_accuracy(len(steps), sid, err, rng), "ground_truth": item["gt"],
                 })
         mine = records[first:]
         true_labels = [r["accuracy"] for r in mine]
-        changed = corrupt_labels(kind, fraction, mine, random.Random(f"quality/{seed}/noise/{domain}"))
+        changed = corrupt_labels(domain, mine, shapes, random.Random(f"quality/{seed}/noise/{name}"))
         labels = [r["accuracy"] for r in mine]
-        stats[domain] = {
-            "kind": kind, "noise": fraction, "chains": chains, "records": len(mine),
+        stats[name] = {
+            "kind": domain.kind, "noise": domain.noise, "chains": chains, "records": len(mine),
             "labels_changed": changed, "label_mean": round(statistics.fmean(labels), 4),
             # How much of the true label a domain's labels still carry (1 clean, 0 none, -1 inverted).
             "label_truth_correlation": round(pearson(true_labels, labels), 4),
@@ -204,7 +230,8 @@ def write_json(path: Path, obj) -> None:
 
 
 def make_task(out: str | Path, seed: int = 0, chains_per_domain: int = 48, n_meta: int = 96,
-              n_test: int = 64, meta_wrong: float = 0.5, inverted_size: float = INVERTED_SIZE) -> dict:
+              n_test: int = 64, meta_wrong: float = 0.5, inverted_size: float = INVERTED_SIZE,
+              task: str = "noise") -> dict:
     """Write the task under `out`; returns the manifest (also written as task.json)."""
     out = Path(out)
     images = out / "images"
@@ -212,16 +239,17 @@ def make_task(out: str | Path, seed: int = 0, chains_per_domain: int = 48, n_met
     for name in sorted(os.listdir(images)):  # drop stale images of an earlier draw
         if name.endswith(".png") and name.split("_")[0] in ("train", "meta", "test"):
             os.remove(images / name)
-    train, domain_stats = build_train(seed, out, chains_per_domain, inverted_size)
+    train, domain_stats = build_train(seed, out, chains_per_domain, task, inverted_size)
     meta = build_meta(seed, out, n_meta, meta_wrong)
     test = build_test(seed, out, n_test)
     write_json(out / "train.json", train)
-    write_json(out / "train_clean.json", [r for r in train if r["dataset"] == "clean"])
+    clean = [name for name, d in TASKS[task].items() if d.kind == "clean"]
+    write_json(out / "train_clean.json", [r for r in train if r["dataset"] in clean])
     write_json(out / "meta.json", meta)
     write_json(out / "test.json", test)
     right = [sum(c["correct"] for c in q["candidates"]) for q in test]
     manifest = {
-        "seed": seed, "domains": domain_stats, "train_records": len(train),
+        "seed": seed, "task": task, "domains": domain_stats, "train_records": len(train),
         "meta": {"chains": len(meta), "true": sum(r["true_false"] for r in meta),
                  "label_mean": round(sum(r["true_false"] for r in meta) / len(meta), 4)},
         "test": {"questions": len(test), "n": N_CANDIDATES, "right_per_question": [min(right), max(right)],
@@ -236,6 +264,7 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", default=str(REPO / "runs" / "quality" / "task"), help="output folder")
     parser.add_argument("--seed", type=int, default=0, help="task seed (images, chains, labels, noise)")
+    parser.add_argument("--task", default="noise", choices=sorted(TASKS), help="which set of training domains")
     parser.add_argument("--chains_per_domain", type=int, default=48, help="training chains per domain")
     parser.add_argument("--meta", type=int, default=96, help="meta chains (half right)")
     parser.add_argument("--meta_wrong", type=float, default=0.5, help="share of wrong meta chains")
@@ -244,7 +273,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="chains of the inverted domain, in units of --chains_per_domain")
     args = parser.parse_args(argv)
     manifest = make_task(args.out, args.seed, args.chains_per_domain, args.meta, args.test, args.meta_wrong,
-                         args.inverted_size)
+                         args.inverted_size, args.task)
     for name, d in manifest["domains"].items():
         print(f"{name:>9}: {d['records']:4d} records, {d['labels_changed']:4d} labels changed, "
               f"mean label {d['label_mean']:.3f}, correlation with the truth {d['label_truth_correlation']:+.2f}")

@@ -1,40 +1,34 @@
 #!/usr/bin/env python
 """The domain-quality benchmark, one command: does DreamPRM find the bad domains and select better?
 
-    python benchmarks/quality/run.py                      # the full benchmark (3 seeds), ~16 min on 2 cores
-    python benchmarks/quality/run.py --seeds 0 --warmup 400 --steps 200 --arms exact   # a quick look
+    python benchmarks/quality/run.py            # three tasks x five seeds, every default arm (see RESULTS.md)
+    python benchmarks/quality/run.py --tasks noise --seeds 0 --arms vanilla pairwise   # a quick look
 
 Steps (all on CPU, the tiny Qwen2-VL, fp32, one process per run):
 
-1. `make_task.py` writes the task (five training domains of known label quality, a clean meta set,
-   a Best-of-N test set with N = 8) under ``--out``/task.
-2. Per seed, a tiny Qwen2-VL (random init from the seed), then:
-   - ``warmup``:  vanilla PRM training (``--baseline``) for ``--warmup`` steps on all five domains;
-   - ``vanilla``: resumes the warm-up checkpoint, ``--steps`` more vanilla steps;
-   - ``exact``:   resumes it, ``--steps`` steps of DreamPRM with ``--hypergrad exact``;
-   - ``fd``:      the same with ``--hypergrad fd`` (fp32, as it requires);
-   - ``clean``:   vanilla on the clean domain alone, from scratch, ``--clean_steps`` steps: the
-                  learnability check (it must beat a random pick clearly).
-   The warm-up is a meta warm-up: the three arms share it and differ only afterwards. At random
-   initialisation the hypergradient carries no domain signal (measured with `diagnose.py`: per-step
-   signal-to-noise ~0.02) and the upper level only random-walks the weights; after 400 vanilla
-   steps one upper step's SNR is ~0.1 for the clean and inverted domains at batch 16 / meta batch 8,
-   so the arms take an upper step after every lower step (--unroll_steps 1: 300 upper steps,
-   cumulative SNR ~sqrt(300) x 0.1; with 3 the weights of seed 0 ordered clean < noisy_50).
-3. Every trained PRM selects on the test set (`python -m dreamprm.select`); the table reports the
-   learned weight of each domain beside its noise level, the Spearman correlation between weight
-   and noise per run (-1: weights fall exactly as noise rises), the meta loss at the end of each
-   DreamPRM run (0.25 = chance: chain scores that do not separate right from wrong carry no domain
-   signal for the upper level), and Best-of-N accuracy of a random pick, majority vote, the vanilla
-   PRM, each DreamPRM arm and the clean-only PRM (mean ± std over seeds).
-
-What it found (RESULTS.md has the numbers and the reasons): exact and fd agree seed by seed; where
-the warm-up PRM's meta loss leaves chance, DreamPRM drives the inverted domain to ~0.05, ranks clean
-first and beats vanilla at Best-of-8 (seed 0); where it does not, the upper level follows whatever
-correlates with the meta labels (chain length, label means) and the weights wander.
+1. `make_task.py` writes each task (``--tasks``: noise, label_mean, real; training domains of known
+   label quality, a clean meta set, a Best-of-N test set with N = 8) under ``--out``/TASK/task.
+2. Per task and seed, a tiny Qwen2-VL (random init from the seed), then:
+   - ``warmup``:   vanilla PRM training (``--baseline``) for ``--warmup`` steps on all domains;
+   - ``vanilla``:  resumes the warm-up checkpoint, ``--steps`` more vanilla steps;
+   - ``pairwise``: resumes it, ``--steps`` steps of DreamPRM at the trainer's defaults (pairwise meta
+                   objective, gated domain-logit optimiser, the segment's batches);
+   - ``mse``:      the same with the original objective (``--meta_loss mse``);
+   - ``original``: (optional) the original recipe: mse, AdamW on the logits, the last batch only;
+   - ``exact``:    (optional) the defaults with ``--hypergrad exact`` whatever ``--hypergrad`` says;
+   - ``clean``:    vanilla on the clean domain(s) alone, from scratch, ``--clean_steps`` steps: the
+                   learnability check (it must beat a random pick clearly).
+   The warm-up is a meta warm-up: the arms share it and differ only afterwards. At random
+   initialisation the hypergradient carries no domain signal (`diagnose.py`: per-step SNR ~0.02).
+3. Every trained PRM selects on the test set (`python -m dreamprm.select`); RESULTS.md reports, per
+   task, the learned weight of each domain beside its corruption, the Spearman correlation between
+   weight and corruption per run (-1: weights fall exactly as corruption rises), the meta loss at the
+   end of each DreamPRM run, Best-of-N accuracy of every arm (mean ± std over seeds), and, over every
+   (task, seed) run, how often and by how much each DreamPRM arm beats vanilla at Best-of-8.
 
 Runs go ``--workers`` at a time with ``--threads`` threads each (2 x 1 is faster than 1 x 2 on two
-cores: one process keeps ~1.2 cores busy). Writes ``--results`` (Markdown) and ``--json``.
+cores: one process keeps ~1.2 cores busy). ``--reuse`` continues an interrupted benchmark (same
+settings): jobs whose results exist are skipped. Writes ``--results`` (Markdown) and ``--json``.
 """
 from __future__ import annotations
 
@@ -59,12 +53,26 @@ sys.path[:0] = [str(HERE), str(REPO)]
 
 import make_task  # noqa: E402
 
-ARMS = ("vanilla", "exact", "fd", "clean")
-ARM_LABELS = {"vanilla": "vanilla PRM (--baseline)", "exact": "DreamPRM --hypergrad exact",
-              "fd": "DreamPRM --hypergrad fd", "clean": "vanilla PRM, clean domain only"}
-# The quality axis: share of labels without information; the inverted domain (labels that carry
-# wrong information) ranks below the noisiest one.
-NOISE = {name: fraction for name, (_, fraction) in make_task.DOMAINS.items()}
+# Arm -> the trainer flags that make it (DreamPRM arms: everything else at the trainer's defaults).
+ARMS = {
+    "vanilla": ["--baseline"],
+    "mse": ["--meta_loss", "mse"],  # the original objective
+    "pairwise": ["--meta_loss", "pairwise"],  # the default objective
+    "original": ["--meta_loss", "mse", "--meta_optimizer", "adamw", "--hypergrad_batches", "last"],  # the recipe
+    "exact": ["--hypergrad", "exact"],  # defaults with the exact estimator (whatever --hypergrad says)
+    "clean": ["--baseline"],  # the clean domain(s) alone, from scratch
+}
+DEFAULT_ARMS = ("vanilla", "mse", "pairwise", "clean")
+ARM_LABELS = {"vanilla": "vanilla PRM (--baseline)", "mse": "DreamPRM, original objective (--meta_loss mse)",
+              "pairwise": "DreamPRM, defaults (--meta_loss pairwise)",
+              "original": "DreamPRM, original recipe (mse, AdamW, last batch)",
+              "exact": "DreamPRM, defaults with --hypergrad exact", "clean": "vanilla PRM, clean domain(s) only"}
+BILEVEL_ARMS = ("mse", "pairwise", "original", "exact")
+
+
+def noise_of(task: str) -> dict[str, float]:
+    """The quality axis of a task's domains (share of labels without information; inverted 1)."""
+    return {name: d.noise for name, d in make_task.TASKS[task].items()}
 
 
 # ------------------------------------------------------------------------------------- jobs
@@ -74,12 +82,13 @@ class Job:
     command: list[str]
     after: tuple[str, ...] = ()
     log: Path | None = None
+    result: Path | None = None  # a file the job writes last: with --reuse, a job whose result exists is skipped
     seconds: float = 0.0
     returncode: int | None = None
     done: threading.Event = field(default_factory=threading.Event)
 
 
-def run_jobs(jobs: list[Job], workers: int, env: dict[str, str]) -> None:
+def run_jobs(jobs: list[Job], workers: int, env: dict[str, str], reuse: bool = False) -> None:
     """Run the jobs `workers` at a time, each after the jobs it names; stop everything on a failure."""
     by_name = {job.name: job for job in jobs}
     lock = threading.Lock()
@@ -100,6 +109,11 @@ def run_jobs(jobs: list[Job], workers: int, env: dict[str, str]) -> None:
 
     def worker() -> None:
         while (job := take()) is not None:
+            if reuse and job.result is not None and job.result.exists():
+                print(f"  {job.name:<18} reused", flush=True)
+                job.returncode = 0
+                job.done.set()
+                continue
             started = time.perf_counter()
             with open(job.log, "w") as log:
                 log.write("$ " + shlex.join(job.command) + "\n")
@@ -166,40 +180,45 @@ def select_command(run: Path, task: Path) -> list[str]:
             "--report", str(run / "test_report.json"), "--device", "cpu"]
 
 
-def plan(args, task: Path, root: Path) -> list[Job]:
+def plan(args, root: Path) -> list[Job]:
+    """Per task and seed: a shared vanilla warm-up, then each arm from its checkpoint, then selection."""
     jobs: list[Job] = []
     logs = root / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    arms = [a for a in ARMS if a in args.arms]
     bilevel = ["--meta_lr", str(args.meta_lr), "--meta_batch_size", str(args.meta_batch_size),
                "--unroll_steps", str(args.unroll_steps), "--aggregation", args.aggregation]
-    for seed in args.seeds:
-        model = root / "models" / f"tiny-s{seed}"
-        warm = root / "runs" / f"warmup-s{seed}"
-        total = args.warmup + args.steps
-        needs_warmup = any(a in arms for a in ("vanilla", "exact", "fd"))
-        if needs_warmup:
-            jobs.append(Job(f"warmup-s{seed}", train_command(
-                args, task, model, warm, seed, "--train_json_file", str(task / "train.json"), "--baseline",
-                "--iteration_num", str(args.warmup), "--no-export"), log=logs / f"warmup-s{seed}.log"))
-        checkpoint = warm / "checkpoints" / f"step_{args.warmup:08d}"
-        for arm in arms:
-            run = root / "runs" / f"{arm}-s{seed}"
-            if arm == "clean":
-                command = train_command(args, task, model, run, seed, "--train_json_file",
-                                        str(task / "train_clean.json"), "--baseline",
-                                        "--iteration_num", str(args.clean_steps))
-                after: tuple[str, ...] = ()
-            else:
-                mode = ["--baseline"] if arm == "vanilla" else ["--hypergrad", arm, *bilevel]
-                command = train_command(args, task, model, run, seed, "--train_json_file", str(task / "train.json"),
-                                        "--resume", str(checkpoint), "--iteration_num", str(total), *mode)
-                after = (f"warmup-s{seed}",)
-            jobs.append(Job(f"{arm}-s{seed}", command, after, log=logs / f"{arm}-s{seed}.log"))
-            jobs.append(Job(f"select-{arm}-s{seed}", select_command(run, task), (f"{arm}-s{seed}",),
-                            log=logs / f"select-{arm}-s{seed}.log"))
+    for task_name in args.tasks:
+        task = root / task_name / "task"
+        for seed in args.seeds:
+            tag = f"{task_name}-s{seed}"
+            model = root / "models" / f"tiny-s{seed}"
+            warm = root / task_name / "runs" / f"warmup-s{seed}"
+            if any(a != "clean" for a in args.arms):
+                jobs.append(Job(f"warmup-{tag}", train_command(
+                    args, task, model, warm, seed, "--train_json_file", str(task / "train.json"), "--baseline",
+                    "--iteration_num", str(args.warmup), "--no-export"), log=logs / f"warmup-{tag}.log",
+                    result=warm / "domain_weights.json"))
+            checkpoint = warm / "checkpoints" / f"step_{args.warmup:08d}"
+            for arm in args.arms:
+                run = root / task_name / "runs" / f"{arm}-s{seed}"
+                if arm == "clean":
+                    command = train_command(args, task, model, run, seed, "--train_json_file",
+                                            str(task / "train_clean.json"), "--baseline",
+                                            "--iteration_num", str(args.clean_steps))
+                    after: tuple[str, ...] = ()
+                else:
+                    mode = ARMS[arm] + ([] if arm == "vanilla" else bilevel + ["--hypergrad", args.hypergrad] * (
+                        "--hypergrad" not in ARMS[arm]))
+                    command = train_command(args, task, model, run, seed, "--train_json_file", str(task / "train.json"),
+                                            "--resume", str(checkpoint), "--iteration_num",
+                                            str(args.warmup + args.steps), *mode)
+                    after = (f"warmup-{tag}",)
+                jobs.append(Job(f"{arm}-{tag}", command, after, log=logs / f"{arm}-{tag}.log",
+                                result=run / "export" / "prm_config.json"))
+                jobs.append(Job(f"select-{arm}-{tag}", select_command(run, task), (f"{arm}-{tag}",),
+                                log=logs / f"select-{arm}-{tag}.log", result=run / "test_report.json"))
     # Long jobs first among the ready ones: warm-ups, then the bilevel arms.
-    priority = {"warmup": 0, "exact": 1, "fd": 1, "vanilla": 2, "clean": 3, "select": 0}
+    priority = {"warmup": 0, "select": 0, "vanilla": 2, "clean": 3, **{a: 1 for a in BILEVEL_ARMS}}
     jobs.sort(key=lambda j: priority[j.name.split("-")[0]])
     return jobs
 
@@ -207,29 +226,84 @@ def plan(args, task: Path, root: Path) -> list[Job]:
 # ---------------------------------------------------------------------------------- results
 def collect(args, root: Path) -> dict:
     runs = {}
-    for seed in args.seeds:
-        for arm in args.arms:
-            run = root / "runs" / f"{arm}-s{seed}"
-            report = json.loads((run / "test_report.json").read_text())
-            by_n = {row["n"]: row for row in report["by_n"]}
-            entry = {"arm": arm, "seed": seed, "n": report["n_max"], "questions": report["questions"],
-                     "by_n": {str(row["n"]): {k: row[k] for k in ("prm", "majority", "random", "oracle")}
-                              for row in report["by_n"]}}
-            if arm in ("exact", "fd"):
-                weights = json.loads((run / "domain_weights.json").read_text())["weights"]
-                names = list(NOISE)
-                entry["weights"] = {name: weights[name] for name in names}
-                entry["spearman_weight_noise"] = spearman([weights[n] for n in names], [NOISE[n] for n in names])
-                entry["meta_loss_end"] = final_meta_loss(run)
-            runs[f"{arm}-s{seed}"] = entry
+    for task_name in args.tasks:
+        noise = noise_of(task_name)
+        for seed in args.seeds:
+            for arm in args.arms:
+                run = root / task_name / "runs" / f"{arm}-s{seed}"
+                report = json.loads((run / "test_report.json").read_text())
+                entry = {"task": task_name, "arm": arm, "seed": seed, "n": report["n_max"],
+                         "questions": report["questions"],
+                         "by_n": {str(row["n"]): {k: row[k] for k in ("prm", "majority", "random", "oracle")}
+                                  for row in report["by_n"]}}
+                if arm in BILEVEL_ARMS:
+                    weights = json.loads((run / "domain_weights.json").read_text())["weights"]
+                    entry["weights"] = {name: weights[name] for name in noise}
+                    entry["spearman_weight_noise"] = spearman([weights[n] for n in noise], list(noise.values()))
+                    entry["meta_loss_end"] = final_meta_loss(run)
+                runs[f"{arm}-{task_name}-s{seed}"] = entry
     return runs
 
 
-def final_meta_loss(run: Path, last: int = 50) -> float:
-    """Mean meta loss of the last `last` upper steps (TensorBoard): 0.25 is a PRM whose chain scores
-    do not separate right from wrong meta chains, where the upper level has no quality signal."""
+def final_meta_loss(run: Path, last: int = 20) -> float:
+    """Mean meta loss of the last `last` upper steps (TensorBoard)."""
     from dreamprm.metrics import read_scalars
     return statistics.fmean(value for _, value in read_scalars(run / "tb")["meta/loss"][-last:])
+
+
+def goals(args, runs: dict) -> list[str]:
+    """The issue's goals, checked on these runs: DreamPRM (the default arm) against vanilla at Best-of-N."""
+    n = str(next(iter(runs.values()))["n"])
+    lines = []
+    for arm in [a for a in args.arms if a in BILEVEL_ARMS]:
+        gains = [runs[f"{arm}-{t}-s{s}"]["by_n"][n]["prm"] - runs[f"vanilla-{t}-s{s}"]["by_n"][n]["prm"]
+                 for t in args.tasks for s in args.seeds] if "vanilla" in args.arms else []
+        if not gains:
+            continue
+        above = sum(g > 0 for g in gains)
+        lines.append(f"| {ARM_LABELS[arm]} | {above}/{len(gains)} ({above / len(gains):.0%}) | "
+                     f"{statistics.fmean(gains) * 100:+.1f} | {min(gains) * 100:+.1f} |")
+    if not lines:
+        return []
+    return [f"### Against vanilla at Best-of-{n}, over every (task, seed) run", "",
+            "| arm | runs above vanilla (goal ≥ 80%) | mean gain, points (goal ≥ +5) | worst run, points (goal ≥ -5) |",
+            "|---|---:|---:|---:|", *lines, ""]
+
+
+def weight_table(args, task_name: str, manifest: dict, runs: dict) -> list[str]:
+    seeds, arms = args.seeds, [a for a in args.arms if a in BILEVEL_ARMS]
+    if not arms:
+        return []
+    lines = ["| domain | noise | label mean | " + " | ".join(f"{a} mean ± std" for a in arms) + " | " +
+             " | ".join(f"{a} per seed" for a in arms) + " |", "|---|---:|---:|" + "---:|" * (2 * len(arms))]
+    for name, d in manifest["domains"].items():
+        noise = d["kind"] if d["kind"] not in ("clean", "replace") else f"{d['noise']:.0%}"
+        cells = [fmt([runs[f"{a}-{task_name}-s{s}"]["weights"][name] for s in seeds], 2) for a in arms]
+        cells += [" ".join(f"{runs[f'{a}-{task_name}-s{s}']['weights'][name]:.2f}" for s in seeds) for a in arms]
+        lines.append(f"| {name} | {noise} | {d['label_mean']:.3f} | " + " | ".join(cells) + " |")
+    for label, key, digits in (("**Spearman(weight, noise)**", "spearman_weight_noise", 2),
+                               ("meta loss, last 20 upper steps", "meta_loss_end", 3)):
+        cells = [fmt([runs[f"{a}-{task_name}-s{s}"][key] for s in seeds], digits) for a in arms]
+        cells += [" ".join(f"{runs[f'{a}-{task_name}-s{s}'][key]:+.2f}" for s in seeds) for a in arms]
+        lines.append(f"| {label} | | | " + " | ".join(cells) + " |")
+    return lines
+
+
+def bon_table(args, task_name: str, runs: dict) -> list[str]:
+    seeds = args.seeds
+    any_run = runs[f"{args.arms[0]}-{task_name}-s{seeds[0]}"]
+    ns, n = list(any_run["by_n"]), any_run["n"]
+    lines = ["| selector | " + " | ".join(f"N={k}" for k in ns) + f" | per seed, N={n} |",
+             "|---|" + "---:|" * (len(ns) + 1)]
+    # Random pick, majority vote and the oracle do not depend on the PRM: the same in every report.
+    for key, label in (("random", "random pick"), ("majority", "majority vote")):
+        lines.append(f"| {label} | " + " | ".join(f"{any_run['by_n'][k][key]:.3f}" for k in ns) + " | |")
+    for arm in args.arms:
+        cells = [fmt([runs[f"{arm}-{task_name}-s{s}"]["by_n"][k]["prm"] for s in seeds]) for k in ns]
+        per_seed = ", ".join(f"{runs[f'{arm}-{task_name}-s{s}']['by_n'][str(n)]['prm']:.3f}" for s in seeds)
+        lines.append(f"| {ARM_LABELS[arm]} | " + " | ".join(cells) + f" | {per_seed} |")
+    lines.append("| oracle (pass@N) | " + " | ".join(f"{any_run['by_n'][k]['oracle']:.3f}" for k in ns) + " | |")
+    return lines
 
 
 def machine() -> dict:
@@ -246,56 +320,14 @@ def machine() -> dict:
             "torch": torch.__version__, "load_average_at_end": os.getloadavg()}
 
 
-def table(args, task_manifest: dict, runs: dict) -> str:
-    seeds = args.seeds
-    n = next(iter(runs.values()))["n"]
-    lines = []
-    bilevel = [a for a in ("exact", "fd") if a in args.arms]
-    if bilevel:
-        lines += ["### Learned domain weights (mean 1) after training", "",
-                  "| domain | noise | label mean | " + " | ".join(
-                      f"{a} s{s}" for a in bilevel for s in seeds) + " | " + " | ".join(
-                      f"{a} mean ± std" for a in bilevel) + " |",
-                  "|---|---:|---:|" + "---:|" * (len(bilevel) * (len(seeds) + 1))]
-        for name in NOISE:
-            d = task_manifest["domains"][name]
-            noise = "inverted" if d["kind"] == "inverted" else f"{d['noise']:.0%}"
-            cells = [f"{runs[f'{a}-s{s}']['weights'][name]:.2f}" for a in bilevel for s in seeds]
-            cells += [fmt([runs[f"{a}-s{s}"]["weights"][name] for s in seeds], 2) for a in bilevel]
-            lines.append(f"| {name} | {noise} | {d['label_mean']:.3f} | " + " | ".join(cells) + " |")
-        cells = [f"{runs[f'{a}-s{s}']['spearman_weight_noise']:+.2f}" for a in bilevel for s in seeds]
-        cells += [fmt([runs[f"{a}-s{s}"]["spearman_weight_noise"] for s in seeds], 2) for a in bilevel]
-        lines.append("| **Spearman(weight, noise)** | | | " + " | ".join(cells) + " |")
-        cells = [f"{runs[f'{a}-s{s}']['meta_loss_end']:.3f}" for a in bilevel for s in seeds]
-        cells += [fmt([runs[f"{a}-s{s}"]["meta_loss_end"] for s in seeds], 3) for a in bilevel]
-        lines.append("| meta loss, last 50 upper steps (0.25: chance) | | | " + " | ".join(cells) + " |")
-        lines.append("")
-    any_run = next(iter(runs.values()))
-    ns = list(any_run["by_n"])
-    lines += [f"### Best-of-N accuracy on {any_run['questions']} held-out questions (mean ± std over seeds "
-              f"{', '.join(map(str, seeds))}; N < {n}: mean over candidate subsets)", "",
-              "| selector | " + " | ".join(f"N={k}" for k in ns) + f" | per seed, N={n} |",
-              "|---|" + "---:|" * (len(ns) + 1)]
-    # Random pick, majority vote and the oracle do not depend on the PRM: the same in every report.
-    for key, label in (("random", "random pick"), ("majority", "majority vote")):
-        lines.append(f"| {label} | " + " | ".join(f"{any_run['by_n'][k][key]:.3f}" for k in ns) + " | |")
-    for arm in ARMS:
-        if arm not in args.arms:
-            continue
-        cells = [fmt([runs[f"{arm}-s{s}"]["by_n"][k]["prm"] for s in seeds]) for k in ns]
-        per_seed = ", ".join(f"{runs[f'{arm}-s{s}']['by_n'][str(n)]['prm']:.3f}" for s in seeds)
-        lines.append(f"| {ARM_LABELS[arm]} | " + " | ".join(cells) + f" | {per_seed} |")
-    lines.append("| oracle (pass@N) | " + " | ".join(f"{any_run['by_n'][k]['oracle']:.3f}" for k in ns) + " | |")
-    return "\n".join(lines)
-
-
-def write_results(args, command: str, task_manifest: dict, runs: dict, timing: dict, path_md: Path,
+def write_results(args, command: str, manifests: dict, runs: dict, timing: dict, path_md: Path,
                   path_json: Path) -> None:
     info = machine()
     result = {"command": command, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "machine": info, "settings": {k: v for k, v in vars(args).items() if k not in ("results", "json")},
-              "task": task_manifest, "timing": timing, "runs": runs}
+              "tasks": manifests, "timing": timing, "runs": runs}
     path_json.write_text(json.dumps(result, indent=1) + "\n")
+    any_manifest = next(iter(manifests.values()))
     md = [
         "# Domain-quality benchmark: results", "",
         f"Command: `{command}`  ",
@@ -305,33 +337,38 @@ def write_results(args, command: str, task_manifest: dict, runs: dict, timing: d
         f"Wall time: {timing['wall_s']:.0f} s ({timing['wall_s'] / 60:.1f} min) with {args.workers} run(s) at a time x "
         f"{args.threads} thread(s); CPU time of all runs {timing['cpu_s']:.0f} s; load average at the end "
         f"{info['load_average_at_end'][0]:.1f} (other work on the machine slows the wall time)", "",
-        f"Task (`make_task.py`, seed {task_manifest['seed']}): {task_manifest['train_records']} training records "
-        f"in {len(task_manifest['domains'])} domains (the inverted one {args.inverted_size:g}x as many chains), "
-        f"{task_manifest['meta']['chains']} meta chains "
-        f"({task_manifest['meta']['true']} right), {task_manifest['test']['questions']} test questions x "
-        f"{task_manifest['test']['n']} candidates. Training: tiny Qwen2-VL (hidden {args.hidden_size}, "
+        f"Tasks (`make_task.py --task NAME`, task seed {args.task_seed}): {any_manifest['meta']['chains']} clean meta "
+        f"chains ({any_manifest['meta']['true']} right), {any_manifest['test']['questions']} Best-of-N test questions x "
+        f"{any_manifest['test']['n']} candidates. Training: tiny Qwen2-VL (hidden {args.hidden_size}, "
         f"{args.num_layers} layers, --head {args.head}), fp32, --lr {args.lr}, --batch_size {args.batch_size}; "
-        f"meta warm-up {args.warmup} vanilla steps, then {args.steps} steps per arm (DreamPRM: --meta_lr "
-        f"{args.meta_lr}, --meta_batch_size {args.meta_batch_size}, --unroll_steps {args.unroll_steps}, "
-        f"--aggregation {args.aggregation}); clean-only: {args.clean_steps} steps from scratch.", "",
-        table(args, task_manifest, runs), "",
+        f"a vanilla warm-up of {args.warmup} steps per task and seed, then {args.steps} steps per arm (DreamPRM: "
+        f"--meta_lr {args.meta_lr}, --meta_batch_size {args.meta_batch_size}, --unroll_steps {args.unroll_steps}, "
+        f"--aggregation {args.aggregation}, the rest at the trainer's defaults unless the arm says otherwise); "
+        f"clean-only: {args.clean_steps} steps from scratch. Seeds {', '.join(map(str, args.seeds))}.", "",
+        *goals(args, runs),
     ]
+    for task_name, manifest in manifests.items():
+        md += [f"## Task `{task_name}` ({manifest['train_records']} training records)", "",
+               "Learned domain weights (mean 1):", "", *weight_table(args, task_name, manifest, runs), "",
+               f"Best-of-N accuracy on {manifest['test']['questions']} held-out questions (mean ± std over seeds; "
+               f"N < {manifest['test']['n']}: mean over candidate subsets):", "", *bon_table(args, task_name, runs), ""]
     path_md.write_text("\n".join(md) + "\n")
 
 
 # ------------------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", default=str(REPO / "runs" / "quality"), help="task, models, runs and logs go here")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    p.add_argument("--out", default=str(REPO / "runs" / "quality"), help="tasks, models, runs and logs go here")
+    p.add_argument("--tasks", nargs="+", default=list(make_task.TASKS), choices=list(make_task.TASKS))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--arms", nargs="+", default=list(DEFAULT_ARMS), choices=list(ARMS))
     g = p.add_argument_group("task")
     g.add_argument("--task_seed", type=int, default=0)
     g.add_argument("--chains_per_domain", type=int, default=200)
     g.add_argument("--meta", type=int, default=128, help="meta chains (half right)")
     g.add_argument("--test", type=int, default=96, help="Best-of-N test questions")
     g.add_argument("--inverted_size", type=float, default=make_task.INVERTED_SIZE,
-                   help="chains of the inverted domain, in units of --chains_per_domain")
+                   help="chains of the domain that outweighs the clean one, in units of --chains_per_domain")
     g = p.add_argument_group("model and training")
     g.add_argument("--hidden_size", type=int, default=64)
     g.add_argument("--num_layers", type=int, default=2)
@@ -339,16 +376,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--lr", type=float, default=1e-3,
                    help="PRM learning rate; 3e-3 collapses the mixed-domain PRM to a constant in 2 of 3 seeds")
     g.add_argument("--batch_size", type=int, default=16)
-    g.add_argument("--warmup", type=int, default=400, help="shared vanilla steps before the arms branch")
-    g.add_argument("--steps", type=int, default=300, help="steps of each arm after the warm-up")
-    g.add_argument("--clean_steps", type=int, default=400, help="steps of the clean-only check (from scratch)")
+    g.add_argument("--warmup", type=int, default=300, help="shared vanilla steps before the arms branch")
+    g.add_argument("--steps", type=int, default=150, help="steps of each arm after the warm-up")
+    g.add_argument("--clean_steps", type=int, default=300, help="steps of the clean-only check (from scratch)")
     g.add_argument("--meta_lr", type=float, default=0.1)
     g.add_argument("--meta_batch_size", type=int, default=8)
-    g.add_argument("--unroll_steps", type=int, default=1,
-                   help="lower steps per upper step; fewer upper steps leave the weights noise-dominated")
+    g.add_argument("--unroll_steps", type=int, default=2, help="lower steps per upper step")
     g.add_argument("--aggregation", default="mean_logit")
+    g.add_argument("--hypergrad", default="fd", choices=("exact", "fd"),
+                   help="estimator of the DreamPRM arms: fd (fp32 here) costs two forwards whatever the number of "
+                   "domains and agrees with exact to cosine 1.0000 (tests/test_hypergradient.py); exact, the "
+                   "trainer's default for bf16, costs one pass per domain")
     g = p.add_argument_group("execution and output")
     g.add_argument("--workers", type=int, default=2, help="runs at a time")
+    g.add_argument("--reuse", action="store_true",
+                   help="skip jobs whose results exist under --out (continue an interrupted benchmark with the same settings)")
     g.add_argument("--threads", type=int, default=1, help="OMP threads per run")
     g.add_argument("--results", default=str(HERE / "RESULTS.md"))
     g.add_argument("--json", default=str(HERE / "results.json"))
@@ -361,14 +403,17 @@ def main(argv: list[str] | None = None) -> dict:
     command = shlex.join(["python", "benchmarks/quality/run.py", *argv])
     root = Path(args.out)
     started = time.perf_counter()
-    print(f"task -> {root / 'task'}", flush=True)
-    manifest = make_task.make_task(root / "task", args.task_seed, args.chains_per_domain, args.meta, args.test,
-                                   inverted_size=args.inverted_size)
+    manifests = {}
+    for task_name in args.tasks:
+        print(f"task {task_name} -> {root / task_name / 'task'}", flush=True)
+        manifests[task_name] = make_task.make_task(root / task_name / "task", args.task_seed, args.chains_per_domain,
+                                                   args.meta, args.test, inverted_size=args.inverted_size,
+                                                   task=task_name)
     from dreamprm.model.tiny import build_tiny_qwen2vl
     for seed in args.seeds:
         build_tiny_qwen2vl(root / "models" / f"tiny-s{seed}", seed=seed, hidden_size=args.hidden_size,
                            num_layers=args.num_layers)
-    jobs = plan(args, root / "task", root)
+    jobs = plan(args, root)
     env = dict(os.environ)
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
         env.pop(key, None)
@@ -376,14 +421,14 @@ def main(argv: list[str] | None = None) -> dict:
                 "HWLOC_COMPONENTS": "-gl", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
                 "PYTHONPATH": str(REPO) + os.pathsep + env.get("PYTHONPATH", "")})
     print(f"{len(jobs)} jobs, {args.workers} at a time:", flush=True)
-    run_jobs(jobs, args.workers, env)
+    run_jobs(jobs, args.workers, env, args.reuse)
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     timing = {"wall_s": time.perf_counter() - started, "cpu_s": usage.ru_utime + usage.ru_stime,
               "jobs": {job.name: round(job.seconds, 1) for job in jobs}}
     runs = collect(args, root)
-    write_results(args, command, manifest, runs, timing, Path(args.results), Path(args.json))
+    write_results(args, command, manifests, runs, timing, Path(args.results), Path(args.json))
     print(Path(args.results).read_text())
-    return {"runs": runs, "timing": timing, "task": manifest}
+    return {"runs": runs, "timing": timing, "tasks": manifests}
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 domain-weight update. Returns detached metrics; the trainer logs them.
 
 It drives the engine through `DistributedEngine`'s methods (duck-typed here: this package does not
-import DeepSpeed). Communication beyond the forward/backward passes: one all-reduce for ‖v‖² and
-one of K floats (the per-domain sums or inner products), identical on every rank afterwards.
+import DeepSpeed). Communication beyond the forward/backward passes: one all-gather of the meta
+chains' scores (the ranking objectives compare chains across ranks), one all-reduce for ‖v‖², one of
+K domain counts (`exact`) and one of K floats (the per-domain sums or inner products), identical on
+every rank afterwards.
 """
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ import torch
 from dreamprm.bilevel import hypergradient as hg
 from dreamprm.bilevel.domain_weights import DomainWeights
 from dreamprm.data.datasets import select_rows
-from dreamprm.losses import domain_loss_sums, meta_loss, per_sample_mse
+from dreamprm.bilevel.aggregation import aggregate_logits
+from dreamprm.losses import chain_meta_loss, domain_loss_sums, per_sample_mse
 
 MODEL_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids", "score_index")
 
@@ -35,16 +38,29 @@ class UpperResult:
     applied: bool  # False when a non-finite value skipped the update
 
 
-def meta_gradient(engine: Any, meta_batch: dict[str, torch.Tensor], aggregation: str,
+def meta_gradient(engine: Any, meta_batch: dict[str, torch.Tensor], aggregation: str, objective: str = "mse",
                   loss_scale: float = 1.0) -> tuple[list[torch.Tensor], float]:
     """v = ∂L_meta/∂θ (this rank's owned elements) and the global meta loss.
 
+    The objective is taken over the chains of every rank (a ranking loss pairs chains across
+    ranks): the chain logits are all-gathered detached, the loss and its gradient g = ∂L/∂z are
+    computed identically on every rank, and each rank back-propagates ⟨g_local, z_local⟩ through
+    its own chains. Scaled by the world size, DeepSpeed's gradient averaging then gives ∂L/∂θ.
     `loss_scale` exists for fault-injection tests (a NaN on one rank must skip the update everywhere).
     """
     logits = engine.forward(model_inputs(meta_batch))
-    loss = meta_loss(logits, meta_batch["item_index"], meta_batch["target"], aggregation) * loss_scale
-    v = engine.backward_without_step(loss)
-    total = engine.all_reduce_sum(loss.detach().double().reshape(1).clone())
+    labels = meta_batch["target"].float()
+    chain_logits = aggregate_logits(aggregation, logits.float(), meta_batch["item_index"], labels.numel())
+    gathered = engine.all_gather(torch.stack([chain_logits.detach(), labels], dim=1).double())
+    all_logits = gathered[:, 0].clone().requires_grad_(True)
+    with torch.enable_grad():
+        loss = chain_meta_loss(all_logits, gathered[:, 1], objective) * loss_scale
+        (dloss_dlogits,) = torch.autograd.grad(loss, all_logits)
+    n, rank = labels.numel(), engine.info.rank
+    local = dloss_dlogits[rank * n:(rank + 1) * n].to(chain_logits.dtype)
+    v = engine.backward_without_step((local * chain_logits).sum() * engine.info.world_size)
+    # Identical on every rank unless one rank's value is not finite: the sum tells all of them.
+    total = engine.all_reduce_sum(loss.detach().reshape(1).clone())
     return v, float(total[0]) / engine.info.world_size
 
 
@@ -57,14 +73,20 @@ def domain_sums_at(engine: Any, batch: dict[str, torch.Tensor], num_domains: int
 
 
 def exact_domain_dots(engine: Any, batch: dict[str, torch.Tensor], v: list[torch.Tensor], num_domains: int) -> torch.Tensor:
-    """⟨∂(S_k/N)/∂θ, v⟩ for each k: one forward+backward per domain on that domain's rows.
+    """⟨∂(S_k/N)/∂θ, v⟩ for each k: one forward+backward per domain present in the global batch.
 
-    Every rank runs K passes (ZeRO-3 gathers are collective); a rank without rows of a domain runs
-    its first row with the loss multiplied by zero.
+    Each inner product is taken shard-locally as soon as its gradient exists, and the gradient is
+    dropped, so memory does not grow with the number of domains. A domain absent from every rank's
+    batch is skipped (d_k = 0, exactly: S_k = 0); one absent on this rank only runs a zero-loss row,
+    because ZeRO-3's parameter gathers are collective.
     """
-    grads = []
     n_local = batch["target"].numel()
+    present = engine.all_reduce_sum(torch.bincount(batch["domain"].cpu(), minlength=num_domains).double()
+                                    .to(engine.info.device)).cpu()
+    local = torch.zeros(num_domains, dtype=torch.float64)
     for k in range(num_domains):
+        if present[k] == 0:
+            continue
         rows = torch.nonzero(batch["domain"] == k).flatten()
         scale = 1.0
         if rows.numel() == 0:
@@ -72,30 +94,39 @@ def exact_domain_dots(engine: Any, batch: dict[str, torch.Tensor], v: list[torch
         sub = select_rows(batch, rows)
         logits = engine.forward(model_inputs(sub))
         loss = per_sample_mse(logits, sub["target"]).sum() * (scale / n_local)
-        grads.append(engine.backward_without_step(loss))
+        local[k] = engine.local_dot(engine.backward_without_step(loss), v)
     # DeepSpeed averages gradients over ranks: mean_r ∇(S_k^r/N_local) = ∇ S_k / N_global.
-    return engine.global_dots(grads, v)
+    return engine.all_reduce_sum(local.to(engine.info.device)).cpu()
 
 
 def upper_step(engine: Any, weights: DomainWeights, meta_optimizer: torch.optim.Optimizer,
-               meta_batch: dict[str, torch.Tensor], train_batch: dict[str, torch.Tensor], *,
-               method: str, radius: float, aggregation: str, meta_loss_scale: float = 1.0) -> UpperResult:
+               meta_batch: dict[str, torch.Tensor], train_batches: list[dict[str, torch.Tensor]], *,
+               method: str, radius: float, aggregation: str, objective: str = "mse", geometry: str = "sgd",
+               meta_loss_scale: float = 1.0) -> UpperResult:
+    """One upper step. `train_batches`: the micro-batches whose d_k are averaged (the segment's, or
+    only its last). `geometry` 'adam' takes the inner products as ⟨P ∇S_k, v⟩ with P the PRM
+    optimiser's own diagonal preconditioner, the step AdamW actually takes (DARTS assumes SGD)."""
     num_domains = len(weights.names)
-    v, meta_loss_value = meta_gradient(engine, meta_batch, aggregation, meta_loss_scale)
+    v, meta_loss_value = meta_gradient(engine, meta_batch, aggregation, objective, meta_loss_scale)
+    if geometry == "adam":
+        preconditioner = engine.adam_preconditioner()
+        if preconditioner is not None:  # None before the PRM's first step: P = I there
+            v = [p * x for p, x in zip(preconditioner, v)]
     v_norm = math.sqrt(max(float(engine.global_dot(v, v)), 0.0))
     epsilon = None
     if method == "exact":
-        directional = hg.exact_directional(lambda: exact_domain_dots(engine, train_batch, v, num_domains))
+        directional = sum(hg.exact_directional(lambda b=b: exact_domain_dots(engine, b, v, num_domains))
+                          for b in train_batches) / len(train_batches)
     else:
         epsilon = hg.fd_epsilon(radius, v_norm) if math.isfinite(v_norm) and v_norm > 0 else float("nan")
-        global_count = engine.info.world_size * train_batch["target"].numel()
+        global_count = engine.info.world_size * sum(b["target"].numel() for b in train_batches)
         if math.isfinite(epsilon):
             snapshot = engine.master_params_snapshot()
             direction = engine.full_gradients_for_edit(v)
 
             def sums_at(t: float) -> torch.Tensor:
                 engine.perturb(snapshot, direction, t)
-                return domain_sums_at(engine, train_batch, num_domains)
+                return sum(domain_sums_at(engine, b, num_domains) for b in train_batches)
 
             try:
                 directional = hg.central_difference(sums_at, epsilon, global_count)

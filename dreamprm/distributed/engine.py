@@ -33,7 +33,8 @@ warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is depreca
 
 import deepspeed  # noqa: E402
 from deepspeed.accelerator import get_accelerator  # noqa: E402
-from deepspeed.utils import safe_get_full_grad, safe_get_local_grad  # noqa: E402
+from deepspeed.utils import (safe_get_full_grad, safe_get_full_optimizer_state, safe_get_local_grad,  # noqa: E402
+                             safe_get_local_optimizer_state)
 
 
 def _skip_cpu_shm_comm_op() -> None:
@@ -195,6 +196,14 @@ class DistributedEngine:
             dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         return tensor
 
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every rank's `tensor` (same shape on all ranks) concatenated in rank order along dim 0."""
+        if self.info.world_size == 1:
+            return tensor
+        pieces = [torch.empty_like(tensor) for _ in range(self.info.world_size)]
+        dist.all_gather(pieces, tensor.contiguous())
+        return torch.cat(pieces)
+
     def barrier(self) -> None:
         if self.info.world_size > 1:
             dist.barrier()
@@ -257,15 +266,49 @@ class DistributedEngine:
             engine.set_gradient_accumulation_boundary(None)
         return grads
 
-    def global_dot(self, a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
-        local = sum((x.double() * y.double()).sum() for x, y in zip(a, b)) if a else torch.zeros((), dtype=torch.float64)
-        return self.all_reduce_sum(torch.as_tensor(local, dtype=torch.float64).reshape(1).to(self.info.device)).cpu()[0]
+    @staticmethod
+    def local_dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
+        """This rank's share of ⟨a, b⟩ (owned elements only), float64 on the CPU; all-reduce to finish."""
+        return sum(((x.double() * y.double()).sum().cpu() for x, y in zip(a, b)), torch.zeros((), dtype=torch.float64))
 
-    def global_dots(self, vectors: list[list[torch.Tensor]], v: list[torch.Tensor]) -> torch.Tensor:
-        """[⟨vectors_k, v⟩ for k] with one all-reduce."""
-        local = torch.stack([sum(((x.double() * y.double()).sum() for x, y in zip(vec, v)),
-                                 torch.zeros((), dtype=torch.float64)) for vec in vectors])
-        return self.all_reduce_sum(local.to(self.info.device)).cpu()
+    def global_dot(self, a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
+        local = self.local_dot(a, b).reshape(1).to(self.info.device)
+        return self.all_reduce_sum(local).cpu()[0]
+
+    def adam_preconditioner(self, damping: float = 1e-2) -> list[torch.Tensor] | None:
+        """1 / (sqrt(v̂) + δ) for this rank's owned elements, from the PRM optimiser's own second
+        moment v̂ (ZeRO-3 keeps it sharded beside the gradient partitions, so this stays shard-local).
+
+        δ = `damping` x the mean of sqrt(v̂) over all elements (one all-reduce), not Adam's 1e-8:
+        elements whose gradients have been ~0 so far would otherwise get factors up to 1e8 and the
+        direction P v would be theirs alone, where the linearised Adam step is meaningless (Adam's
+        real step there is bounded by its first moment). None before the optimiser's first step."""
+        step = self._optimizer_step_count()
+        if step == 0:
+            return None
+        beta2 = self.optimizer.param_groups[0].get("betas", (0.9, 0.999))[1]
+        correction = 1.0 - beta2 ** step
+        roots = []
+        for o in self._owned:
+            if self.stage == 3:
+                state = safe_get_local_optimizer_state(o.param, "exp_avg_sq")
+            else:
+                state = safe_get_full_optimizer_state(o.param, "exp_avg_sq")
+            if state is None:
+                return None
+            roots.append((state.reshape(-1)[o.lo:o.hi].detach().float() / correction).sqrt())
+        totals = torch.stack([sum((r.double().sum().cpu() for r in roots), torch.zeros((), dtype=torch.float64)),
+                              torch.tensor(float(sum(r.numel() for r in roots)), dtype=torch.float64)])
+        total, count = self.all_reduce_sum(totals.to(self.info.device)).cpu().tolist()
+        delta = damping * total / max(count, 1.0) + 1e-12
+        return [1.0 / (r + delta) for r in roots]
+
+    def _optimizer_step_count(self) -> int:
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)  # ZeRO wraps the torch optimiser
+        for state in inner.state.values():
+            if "step" in state:
+                return int(state["step"])
+        return 0
 
     def master_params_snapshot(self) -> list[torch.Tensor]:
         """Copies of the parameter storage that `perturb` edits, for an exact restore."""
