@@ -67,7 +67,8 @@ def data_files(tmp: Path, train=None, meta=None) -> tuple[Path, Path, list[str]]
     Image.new("RGB", (16, 16), (200, 30, 30)).save(tmp / "img.png")
     t = write(tmp / "train.json", train if train is not None else [good_train(), good_train(id="q1", dataset="noisy")])
     m = write(tmp / "meta.json", meta if meta is not None else [good_meta(), good_meta(id="m1", true_false=False)])
-    return t, m, ["--train_json_file", str(t), "--meta_json_file", str(m)]
+    # Two meta records: a meta batch of 2 (the default 8 could not be filled).
+    return t, m, ["--train_json_file", str(t), "--meta_json_file", str(m), "--meta_batch_size", "2"]
 
 
 def bad_train(record: dict, expect: Callable[[Path], str]) -> Callable[[Path], Setup]:
