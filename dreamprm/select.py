@@ -39,9 +39,9 @@ import torch
 from dreamprm.bilevel.aggregation import AGGREGATIONS, aggregate
 from dreamprm.data.records import (DataValidationError, ImageChecker, _check_duplicates, _check_fields,
                                    _resolve_image, load_image, read_json_records)
-from dreamprm.data.datasets import PRMCollator
+from dreamprm.data.packing import make_collator
 from dreamprm.data.steps import final_answer, split_step_prefixes
-from dreamprm.model.prm import MODEL_INPUTS
+from dreamprm.model.prm import MODEL_INPUTS, PACKED_INPUTS
 
 EXIT_USER_ERROR = 2
 DEFAULT_AGGREGATION = "mean_logit"
@@ -75,10 +75,13 @@ class SelectConfig:
     aggregation: str | None = _f(None, "step scores -> chain score (default: the PRM's prm_config.json "
                                  f"'aggregation', else {DEFAULT_AGGREGATION})", group="scoring",
                                  choices=tuple(AGGREGATIONS))
-    batch_size: int = _f(16, "candidate chains per forward pass; every step prefix of a chain is one row",
+    batch_size: int = _f(16, "candidate chains per forward pass (one row per chain with --packing chain, "
+                         "per step prefix with none)",
                          group="scoring")
     max_image_side: int = _f(512, "longest image side in pixels, as in training (--max_image_side)", group="scoring")
     device: str = _f("auto", "'auto', 'cuda', 'cuda:N' or 'cpu'", group="scoring")
+    packing: str = _f("chain", "'chain': all step prefixes of a chain in one sequence, scores as one by one "
+                      "(data/README.md); 'none': one sequence per prefix", group="scoring", choices=("none", "chain"))
     # report
     seed: int = _f(0, "seed of the candidate subsets drawn for N below the full N", group="report")
     subsamples: int = _f(8, "candidate subsets per question for each N below the full N "
@@ -321,28 +324,30 @@ StepScorer = Callable[[Sequence[Question]], list[list[list[float]]]]
 
 
 class ModelScorer:
-    """Step logits from the PRM, `batch_size` chains (all their step prefixes) per forward pass."""
+    """Step logits from the PRM, `batch_size` chains (all their step prefixes) per forward pass;
+    ``packing`` 'chain' puts each chain in one row (`dreamprm.data.packing`), 'none' each prefix."""
 
     def __init__(self, model: torch.nn.Module, processor: Any, device: torch.device, batch_size: int,
-                 max_image_side: int):
+                 max_image_side: int, packing: str = "chain"):
         self.model = model.float().eval()  # fp32: selection compares scores that may be close
-        self.collator = PRMCollator(processor)
+        self.collator = make_collator(processor, packing)
         self.device = device
         self.batch_size = batch_size
         self.max_image_side = max_image_side
 
     @classmethod
-    def from_export(cls, path: str | Path, device: torch.device, batch_size: int, max_image_side: int) -> "ModelScorer":
+    def from_export(cls, path: str | Path, device: torch.device, batch_size: int, max_image_side: int,
+                    packing: str = "chain") -> "ModelScorer":
         from dreamprm.model.loading import load_exported_prm
         try:
             model, processor, _ = load_exported_prm(path, dtype=torch.float32, device=device)
         except Exception as err:  # a damaged file can fail in safetensors, json, transformers, ...
             raise DataValidationError([f"--prm {path}: cannot be loaded ({err.__class__.__name__}: {err})"]) from err
-        return cls(model, processor, device, batch_size, max_image_side)
+        return cls(model, processor, device, batch_size, max_image_side, packing)
 
     def _inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         # The one place tensors move to the device.
-        keys = MODEL_INPUTS + ("score_index",)
+        keys = MODEL_INPUTS + PACKED_INPUTS + ("score_index",)
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if k in keys}
 
     @torch.no_grad()
@@ -358,7 +363,7 @@ class ModelScorer:
             items = [{"image": images[q], "texts": list(questions[q].candidates[c].prefixes), "domain": -1,
                       "target": 0.0} for q, c in chunk]
             batch = self.collator(items)
-            logits = self.model(**self._inputs(batch)).float().cpu()  # (rows,)
+            logits = self.model(**self._inputs(batch)).float().cpu()  # (prefixes,)
             for k, (q, c) in enumerate(chunk):
                 out[q][c] = logits[batch["item_index"] == k].tolist()
         return out
@@ -584,7 +589,7 @@ def run(config: SelectConfig, *, rank: int = 0, world_size: int = 1, device: tor
         if not mine:  # more ranks than questions
             return []
         model = scorer or ModelScorer.from_export(plan.prm_dir, device or _resolve_device(config.device),
-                                                  config.batch_size, config.max_image_side)
+                                                  config.batch_size, config.max_image_side, config.packing)
         return model(mine)
 
     started = time.perf_counter()

@@ -29,7 +29,8 @@ from dreamprm.bilevel.upper import UpperResult, model_inputs, upper_step
 from dreamprm.checkpoint import (Checkpointer, CheckpointWriteError, checkpoint_name, complete_checkpoints,
                                  format_bytes)
 from dreamprm.config import REPO_ROOT, TINY_MODEL, ConfigError, TrainConfig, load_ds_config, resolve_ds_config
-from dreamprm.data.datasets import MetaDataset, PRMCollator, TrainDataset
+from dreamprm.data.datasets import MetaDataset, TrainDataset
+from dreamprm.data.packing import chain_units, group_chain_records, make_collator
 from dreamprm.data.records import (DataValidationError, ImageChecker, MetaRecord, TrainRecord, domain_index,
                                    load_meta_records, load_train_records)
 from dreamprm.data.sampler import DistributedBatchSampler
@@ -210,8 +211,11 @@ class Trainer:
         m, o = self.config.model, self.config.optim
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[o.precision]
         with dist_engine.partitioned_construction(self.ds_config):
+            # Packed rows need a per-token attention mask: SDPA takes one on CPU and CUDA (flash
+            # attention cannot); per-prefix rows keep the library's default.
             model = build_prm(self.reward_model, m.head, seed=self.config.run.seed, dtype=dtype,
-                              trust_remote_code=m.trust_remote_code, gradient_checkpointing=m.gradient_checkpointing)
+                              trust_remote_code=m.trust_remote_code, gradient_checkpointing=m.gradient_checkpointing,
+                              attn_implementation="sdpa" if self.config.data.packing == "chain" else None)
 
         def step_lr(optimizer: torch.optim.Optimizer):
             return torch.optim.lr_scheduler.StepLR(optimizer, step_size=o.scheduler_step_size, gamma=o.scheduler_gamma)
@@ -220,11 +224,15 @@ class Trainer:
 
     def _build_data(self, train_records, meta_records) -> None:
         d, o, b, run = self.config.data, self.config.optim, self.config.bilevel, self.config.run
-        collator = PRMCollator(self.processor)
-        train_set = TrainDataset(train_records, self.domains, d.max_image_side)
+        collator = make_collator(self.processor, d.packing)
+        # Packing: the records of one chain that nest and share a batch are scored in one row;
+        # --chain_batches also samples them together.
+        groups = group_chain_records(train_records) if d.packing == "chain" else None
+        train_set = TrainDataset(train_records, self.domains, d.max_image_side, groups=groups)
         meta_set = MetaDataset(meta_records, d.max_image_side)
         self.train_sampler = DistributedBatchSampler(train_set.lengths(), o.batch_size, num_replicas=self.info.world_size,
-                                                     rank=self.info.rank, seed=run.seed)
+                                                     rank=self.info.rank, seed=run.seed,
+                                                     units=chain_units(groups) if groups and d.chain_batches else None)
         loader_args = dict(collate_fn=collator, num_workers=d.num_workers, persistent_workers=False)
         self.train_loader = DataLoader(train_set, batch_sampler=self.train_sampler, **loader_args)
         if not b.baseline:  # a vanilla PRM never reads meta batches

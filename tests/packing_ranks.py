@@ -2,8 +2,9 @@
 
 For each head: two engines built from the same seed, one fed per-prefix batches and one packed
 batches of the same records. Reports (rank 0, JSON) the largest score difference on meta chains
-and grouped training chains, and the largest parameter difference after one weighted training
-step. Usage: packing_ranks.py MODEL_DIR OUT.json
+and grouped training chains, the hypergradient of both meta objectives (the trainer's own
+`meta_gradient` and `exact_domain_dots`), the gradient of the weighted training loss and the
+largest parameter difference after one training step. Usage: packing_ranks.py MODEL_DIR OUT.json
 """
 from __future__ import annotations
 
@@ -13,7 +14,10 @@ from pathlib import Path
 
 import torch
 
-from dreamprm.config import REPO_ROOT, TrainConfig, load_ds_config, resolve_ds_config
+from dreamprm.bilevel import hypergradient as hg
+from dreamprm.bilevel.domain_weights import DomainWeights
+from dreamprm.bilevel.upper import exact_domain_dots, meta_gradient
+from dreamprm.config import META_LOSSES, REPO_ROOT, TrainConfig, load_ds_config, resolve_ds_config
 from dreamprm.data.datasets import MetaDataset, PRMCollator, TrainDataset
 from dreamprm.data.packing import PackedPRMCollator, group_chain_records
 from dreamprm.data.records import domain_index, load_meta_records, load_train_records
@@ -25,7 +29,7 @@ from dreamprm.model.processor import load_processor
 
 DEMO = REPO_ROOT / "data" / "demo"
 INPUTS = MODEL_INPUTS + PACKED_INPUTS + ("score_index",)
-META_PER_RANK, TRAIN_PER_RANK = 3, 7  # 7 records: chains split across the ranks and the batch end
+META_PER_RANK, TRAIN_PER_RANK = 3, 9  # 9 records: chains split across the ranks and the batch end
 
 
 def local_items(rank: int) -> tuple[list[dict], list[dict], dict[str, int]]:
@@ -37,7 +41,12 @@ def local_items(rank: int) -> tuple[list[dict], list[dict], dict[str, int]]:
     meta_items = [{**meta[i], "image": meta[i]["image"].resize(sizes[i % len(sizes)])} for i in picked]
     records = load_train_records(DEMO / "train.json")
     domains = domain_index(records)
-    records = records[rank * TRAIN_PER_RANK:(rank + 1) * TRAIN_PER_RANK]
+    # Whole chains, one domain after another, so that every domain has records on some rank.
+    chains: dict[str, list] = {}
+    for r in records:
+        chains.setdefault(r.chain_id, []).append(r)
+    by_domain = [[c for c in chains.values() if c[0].domain == d] for d in domains]
+    records = [r for i in range(2) for d in by_domain for r in d[i]][rank * TRAIN_PER_RANK:(rank + 1) * TRAIN_PER_RANK]
     train = TrainDataset(records, domains)
     groups = group_chain_records(records)
     return meta_items, [{**train[i], "group": groups[i]} for i in range(len(records))], domains
@@ -73,6 +82,17 @@ def main() -> None:
                 scores[mode] = {k: engine.forward({n: v for n, v in b.items() if n in INPUTS})
                                 for k, b in batches[mode].items()}
         entry = {f"{k}_score_diff": float((scores["chain"][k] - scores["none"][k]).abs().max()) for k in ("meta", "train")}
+        # The hypergradient at the same parameters, each layout through the upper step's own functions.
+        domain_weights = DomainWeights(list(domains))
+        for objective in META_LOSSES:
+            hyper = {}
+            for mode, engine in engines.items():
+                v, _ = meta_gradient(engine, batches[mode]["meta"], "mean_logit", objective)
+                directional = exact_domain_dots(engine, batches[mode]["train"], v, len(domains))
+                hyper[mode] = hg.hypergradient(directional, domain_weights.logit_gradient)
+            entry[f"hypergradient_{objective}"] = {mode: h.tolist() for mode, h in hyper.items()}
+            entry[f"hypergradient_{objective}_cosine"] = float(torch.nn.functional.cosine_similarity(
+                hyper["chain"], hyper["none"], dim=0))
         # The weighted training loss's gradient (this rank's shard), then one training step in each
         # layout, and the gathered parameters side by side.
         def loss_of(mode: str) -> torch.Tensor:

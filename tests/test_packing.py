@@ -12,8 +12,7 @@ from PIL import Image
 
 from conftest import DEMO, REPO, base_env, launch_command, read_json
 from dreamprm.data.datasets import MetaDataset, PRMCollator, TrainDataset
-from dreamprm.data.packing import (PackedPRMCollator, group_chain_records, merge_chain_items, pack_sequences,
-                                   rope_positions)
+from dreamprm.data.packing import PackedPRMCollator, group_chain_records, pack_sequences, rope_positions, row_members
 from dreamprm.data.records import load_meta_records, load_train_records
 from dreamprm.model.loading import build_prm
 from dreamprm.model.prm import MODEL_INPUTS, PACKED_INPUTS
@@ -164,18 +163,32 @@ def test_one_optimiser_step_gives_the_same_parameters(tiny_model, processor):
         torch.testing.assert_close(params[1][name], p, rtol=0, atol=1e-5, msg=name)
 
 
-def test_chain_groups_nest_and_stay_in_one_row(processor):
+def test_chain_groups_nest_and_share_one_row_wherever_they_sit_in_the_batch(tiny_model, processor):
     items = train_items()
     groups = [item["group"] for item in items]
     assert groups.count(None) == 0 and len(set(groups)) == 4  # 12 records = 4 whole chains
-    merged = merge_chain_items(items)
-    assert len(merged) == 4 and sum(len(m["texts"]) for m in merged) == 12
-    for m in merged:
-        assert all(b.startswith(a) for a, b in zip(m["texts"], m["texts"][1:]))
+    rows = row_members(items)
+    assert len(rows) == 4 and sorted(i for r in rows for i in r) == list(range(12))
+    for r in rows:
+        texts = [items[i]["texts"][0] for i in r]
+        assert all(b.startswith(a) for a, b in zip(texts, texts[1:]))
+    # Independently sampled records: a chain's records scattered over the batch still share a row,
+    # and the batch keeps the records' order (targets, domains, scores).
+    shuffled = [items[i] for i in (5, 0, 9, 3, 11, 1, 7, 2, 10, 4, 8, 6)]
+    flat, packed = PRMCollator(processor)(shuffled), PackedPRMCollator(processor)(shuffled)
+    assert packed["input_ids"].shape[0] == 4
+    for key in ("item_index", "domain", "target"):
+        assert torch.equal(packed[key], flat[key]), key
+    model = build_prm(tiny_model, "hidden", seed=4).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs(packed)), model(**inputs(flat)), rtol=0, atol=1e-5)
     # a record whose text does not extend the previous one starts its own group
     records = load_train_records(DEMO / "train.json")[:3]
     broken = [records[0], records[2].__class__(**{**records[2].__dict__, "text": "other"}), records[1]]
     assert group_chain_records(broken)[1] is None
+    # so does one with another question (`input`), even when its text extends the previous one
+    other = records[1].__class__(**{**records[1].__dict__, "question": "another question"})
+    assert group_chain_records([records[0], other]) == [None, None]
 
 
 def test_flash_attention_is_refused_with_a_clear_message():
@@ -185,7 +198,7 @@ def test_flash_attention_is_refused_with_a_clear_message():
                               "flash_attention_2", torch.float32)
 
 
-def test_two_zero3_ranks_score_and_step_the_same_packed_or_not(tiny_model, tmp_path):
+def test_two_zero3_ranks_score_step_and_hypergradient_the_same_packed_or_not(tiny_model, tmp_path):
     out = tmp_path / "ranks.json"
     proc = subprocess.run(launch_command(REPO / "tests" / "packing_ranks.py", [str(tiny_model), str(out)], 2),
                           cwd=REPO, env=base_env(), capture_output=True, text=True, timeout=600)
@@ -196,6 +209,10 @@ def test_two_zero3_ranks_score_and_step_the_same_packed_or_not(tiny_model, tmp_p
         entry = report[head]
         assert entry["meta_score_diff"] <= 1e-5 and entry["train_score_diff"] <= 1e-5, (head, entry)
         assert entry["grad_rel_error"] <= 1e-5, (head, entry)
+        for objective in ("pairwise", "mse"):
+            hyper = entry[f"hypergradient_{objective}"]
+            assert max(abs(x) for x in hyper["none"]) > 0 and sum(x != 0 for x in hyper["none"]) >= 3, hyper
+            assert entry[f"hypergradient_{objective}_cosine"] >= 0.9999, (head, objective, entry)
         assert entry["param_moved"] >= 1e-4 and entry["param_diff"] <= 1e-5, (head, entry)
     for kind in ("meta", "train"):
         assert report["tokens"]["chain"][kind] < 0.7 * report["tokens"]["none"][kind], report["tokens"]

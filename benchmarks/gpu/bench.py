@@ -7,7 +7,9 @@ realistic shape (one 448x448 image + ~600 text tokens ≈ 866 tokens), then meas
    `Linear(vocab, 1)` head on the full ``[batch, seq, vocab]`` logits; every 5 lower steps a bi-level
    step: meta backward over the 5 step prefixes (one forward each), then two perturbed forwards with a
    graph to the domain weights (DARTS on bf16 parameters);
-2. our trainer (`launch/train.py`, the real code path) at its best single-GPU settings.
+2. our trainer (`launch/train.py`, the real code path) at its best single-GPU settings;
+3. prefix packing: our trainer on the same chains written as one record per step prefix (as
+   DreamPRM's train.json is), with ``--packing none`` and ``--packing chain --chain_batches``.
 
 For each: training samples/s through the whole bi-level loop, lower-step TFLOP/s and MFU
 (6·N·tokens over the measured bf16 matmul peak of this card), the upper step's share of a segment,
@@ -75,8 +77,10 @@ def build_model_dir(out: Path, arch: dict, image_side: int) -> Path:
     return out
 
 
-def make_synthetic_data(out: Path, n_train: int, n_meta: int, image_side: int, words: int, steps: int = 5) -> None:
-    """Records in the original formats: 4 domains, chains of `steps` steps, one image each."""
+def make_synthetic_data(out: Path, n_train: int, n_meta: int, image_side: int, words: int, steps: int = 5,
+                        prefixes: bool = False) -> None:
+    """Records in the original formats: 4 domains, chains of `steps` steps, one image each. With
+    `prefixes`, every training chain is written as one record per step prefix (sid 1..steps)."""
     rng = random.Random(0)
     (out / "images").mkdir(parents=True, exist_ok=True)
     vocab = "red green blue circle square count total shape image step so there are more than".split()
@@ -94,9 +98,13 @@ def make_synthetic_data(out: Path, n_train: int, n_meta: int, image_side: int, w
         return " ".join(rng.choice(vocab) for _ in range(n))
 
     question = sentence(words // 3)
-    train = [{"input": question, "add": "\n".join(f"Step {s + 1}: {sentence(2 * words // (3 * steps))}" for s in range(steps)),
-              "image_path": image(f"t{i}"), "dataset": f"domain_{i % 4}", "accuracy": rng.random(),
-              "id": str(i), "sid": steps} for i in range(n_train)]
+    train = []
+    for i in range(n_train):
+        chain = [f"Step {s + 1}: {sentence(2 * words // (3 * steps))}" for s in range(steps)]
+        path = image(f"t{i}")
+        for sid in range(1 if prefixes else steps, steps + 1):
+            train.append({"input": question, "add": "\n".join(chain[:sid]), "image_path": path,
+                          "dataset": f"domain_{i % 4}", "accuracy": rng.random(), "id": str(i), "sid": sid})
     meta = [{"input": question + "\n\n" + "\n".join(f"Step {s + 1}: {sentence(2 * words // (3 * steps))}"
                                                     for s in range(steps)) + "\nFinal answer: 3",
              "image_path": image(f"m{i}"), "true_false": bool(i % 2), "id": str(i)} for i in range(n_meta)]
@@ -240,6 +248,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--ours", default="--head hidden --deepspeed ds_configs/zero2.json --precision bf16 --hypergrad exact",
                    help="our trainer's extra flags")
     p.add_argument("--skip_original", action="store_true")
+    p.add_argument("--skip_packing", action="store_true", help="skip the per-prefix / packed arms")
     p.add_argument("--workdir", default=None)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -252,6 +261,13 @@ def main(argv: list[str] | None = None) -> dict:
     results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "bf16_peak_flops": peak}
     extra = args.ours.split() + (["--precision", "fp32", "--device", "cpu"] if device.type == "cpu" else [])
     results["ours"] = our_trainer(model_dir, work / "data", work / "ours", args.segments, args.batch_size, extra)
+    if not args.skip_packing:
+        # One record per step prefix: 64 chains x 5 prefixes; the same records for both arms.
+        make_synthetic_data(work / "prefix_data", n_train=64, n_meta=8, image_side=side, words=words, prefixes=True)
+        for arm, flags in (("ours_per_prefix", ["--packing", "none"]),
+                           ("ours_packed", ["--packing", "chain", "--chain_batches"])):
+            results[arm] = our_trainer(model_dir, work / "prefix_data", work / arm, args.segments, args.batch_size,
+                                       extra + flags)
     if not args.skip_original:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -260,10 +276,13 @@ def main(argv: list[str] | None = None) -> dict:
     from transformers import AutoConfig
     cfg = AutoConfig.from_pretrained(model_dir)
     n_params = sum(t.numel() for f in model_dir.glob("*.safetensors") for t in load_file(str(f)).values())
-    ours = results["ours"]
-    tokens_per_segment = ours["tokens_per_s_through_loop"] * ours["segment_s"]
-    ours["lower_flops_per_s"] = 6 * n_params * tokens_per_segment / (5 * ours["lower_step_s"])
-    for arm in ("original", "ours"):
+    for arm in ("ours", "ours_per_prefix", "ours_packed"):
+        if arm in results:
+            ours = results[arm]
+            tokens_per_segment = ours["tokens_per_s_through_loop"] * ours["segment_s"]
+            ours["lower_flops_per_s"] = 6 * n_params * tokens_per_segment / (5 * ours["lower_step_s"])
+    arms = ("original", "ours", "ours_per_prefix", "ours_packed")
+    for arm in arms:
         if arm in results:
             results[arm]["mfu"] = results[arm]["lower_flops_per_s"] / peak if peak == peak else float("nan")
     results["params"] = n_params
@@ -273,14 +292,19 @@ def main(argv: list[str] | None = None) -> dict:
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
     print(f"device: {results['device']}, params {n_params / 1e9:.3f} B, bf16 peak {peak / 1e12:.0f} TFLOP/s")
-    print(f"{'arm':<10}{'batch':>6}{'samples/s':>11}{'lower TFLOP/s':>15}{'MFU':>7}{'upper share':>13}{'peak GiB':>10}")
-    for arm in ("original", "ours"):
+    print(f"{'arm':<16}{'batch':>6}{'samples/s':>11}{'lower TFLOP/s':>15}{'MFU':>7}{'upper share':>13}{'peak GiB':>10}")
+    for arm in arms:
         if arm in results:
             r = results[arm]
-            print(f"{arm:<10}{r['batch_size']:>6}{r['samples_per_s']:>11.2f}{r['lower_flops_per_s'] / 1e12:>15.2f}"
+            print(f"{arm:<16}{r['batch_size']:>6}{r['samples_per_s']:>11.2f}{r['lower_flops_per_s'] / 1e12:>15.2f}"
                   f"{r['mfu']:>7.1%}{r['upper_share']:>13.1%}{r['peak_memory_gib']:>10.1f}")
+    if "ours_packed" in results:
+        results["packing_speedup"] = results["ours_packed"]["samples_per_s"] / results["ours_per_prefix"]["samples_per_s"]
     if "speedup" in results:
         print(f"speed-up through the whole bi-level loop: {results['speedup']:.2f}x")
+    if "packing_speedup" in results:
+        # lower TFLOP/s counts processed tokens: packed rows hold fewer tokens for the same samples
+        print(f"prefix packing (same per-prefix records): {results['packing_speedup']:.2f}x samples/s")
     return results
 
 

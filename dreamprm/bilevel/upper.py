@@ -20,8 +20,9 @@ from dreamprm.bilevel.domain_weights import DomainWeights
 from dreamprm.data.datasets import select_rows
 from dreamprm.bilevel.aggregation import aggregate_logits
 from dreamprm.losses import chain_meta_loss, domain_loss_sums, per_sample_mse
+from dreamprm.model.prm import MODEL_INPUTS, PACKED_INPUTS
 
-MODEL_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids", "score_index")
+MODEL_KEYS = MODEL_INPUTS + PACKED_INPUTS + ("score_index",)
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -18,7 +18,7 @@ class TrainDataset(Dataset):
     """One item per training record: (image, text, domain index, accuracy, chain group).
 
     ``groups`` (`dreamprm.data.packing.group_chain_records`) marks the records of one chain that
-    nest; the packed collator scores consecutive records of a group in one row.
+    nest; the packed collator scores the records of a group that share a batch in one row.
     """
 
     def __init__(self, records: list[TrainRecord], domains: dict[str, int], max_image_side: int = 512,

@@ -182,22 +182,20 @@ def chain_units(groups: Sequence[int | None]) -> list[list[int]]:
     return units
 
 
-def merge_chain_items(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Consecutive training items of one chain (same non-None ``group``) → one item whose texts are
-    the records' texts and whose ``target`` / ``domain`` are lists, one per record (same order)."""
-    out: list[dict[str, Any]] = []
-    for item in items:
+def row_members(items: list[dict[str, Any]]) -> list[list[int]]:
+    """Which items share a packed row: the training records of one chain group (wherever they sit in
+    the batch), every other item alone; rows in order of their first item."""
+    rows: list[list[int]] = []
+    row_of_group: dict[Any, int] = {}
+    for i, item in enumerate(items):
         group = item.get("group")
-        last = out[-1] if out else None
-        if group is not None and last is not None and last.get("group") == group and isinstance(last["target"], list):
-            last["texts"] += item["texts"]
-            last["target"].append(item["target"])
-            last["domain"].append(item["domain"])
-        elif group is not None:
-            out.append({**item, "texts": list(item["texts"]), "target": [item["target"]], "domain": [item["domain"]]})
-        else:
-            out.append(item)
-    return out
+        if group is not None and group in row_of_group:
+            rows[row_of_group[group]].append(i)
+            continue
+        if group is not None:
+            row_of_group[group] = len(rows)
+        rows.append([i])
+    return rows
 
 
 @dataclass
@@ -205,30 +203,31 @@ class PackedPRMCollator(PRMCollator):
     """`PRMCollator`'s batch with each item's texts packed into one row (see the module docstring).
 
     Items as for `PRMCollator`: a meta chain or Best-of-N candidate (several texts, one target) is one
-    row. Consecutive training records with the same ``group`` (one chain's nested prefixes, see
-    `group_chain_records`) share one row, each keeping its own target and domain. The output has the per-prefix batch's keys with the per-prefix meaning (one
-    ``score_index`` / ``item_index`` entry per scored text, in item then text order; ``domain`` and
-    ``target`` per item or per record), ``input_ids`` etc. one row per item, plus
+    row; the training records of one chain group in the batch (``group``, see `group_chain_records`)
+    share one row. Everything but the model inputs is exactly `PRMCollator`'s, in its order: one
+    ``score_index`` / ``item_index`` entry per text, ``domain`` and ``target`` per item. Added:
     ``score_row`` [scores] (the row a score is read from), ``position_ids`` [rows, 3, length] and
-    ``packed_visible`` / ``packed_branch_start`` [rows, length]. Each item's image is processed once.
+    ``packed_visible`` / ``packed_branch_start`` [rows, length]. Each row's image is processed once.
     """
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        items = merge_chain_items(items)
         processor, tokenizer = self.processor, self.processor.tokenizer
         merge = processor.image_processor.merge_size
         image_token = processor.image_token
-        vision = processor.image_processor(images=[item["image"] for item in items], return_tensors="pt")
+        members = row_members(items)
+        # Records of one group share their image file; the row's first item's image stands for all.
+        vision = processor.image_processor(images=[items[m[0]]["image"] for m in members], return_tensors="pt")
         grids = vision["image_grid_thw"]
-        rows, score_index, score_row, item_index, domains, targets = [], [], [], [], [], []
-        for i, item in enumerate(items):
-            texts = [self.chat_text(t) for t in item["texts"]]
-            for j, text in enumerate(texts):
+        rows, where = [], {}  # where[(item, text)] = (row, score position)
+        for r, member in enumerate(members):
+            keys = [(i, j) for i in member for j in range(len(items[i]["texts"]))]
+            texts = [self.chat_text(items[i]["texts"][j]) for i, j in keys]
+            for (i, j), text in zip(keys, texts):
                 if text.count(image_token) != 1:
-                    raise ValueError(f"packing: item {i}, text {j} ({item['texts'][j][:40]!r}...): the chat text needs "
-                                     f"exactly one {image_token}, found {text.count(image_token)}")
+                    raise ValueError(f"packing: item {i}, text {j} ({items[i]['texts'][j][:40]!r}...): the chat text "
+                                     f"needs exactly one {image_token}, found {text.count(image_token)}")
             # The processor's own expansion: the placeholder repeated once per merged patch.
-            expanded = [t.replace(image_token, processor.replace_image_token(vision, i)) for t in texts]
+            expanded = [t.replace(image_token, processor.replace_image_token(vision, r)) for t in texts]
             sequences = tokenizer(expanded)["input_ids"]
             types = processor.create_mm_token_type_ids(sequences)
             layout = pack_sequences(sequences)
@@ -236,28 +235,20 @@ class PackedPRMCollator(PRMCollator):
                 "input_ids": [t for s, a, b in layout.segments for t in sequences[s][a:b]],
                 "mm_token_type_ids": [t for s, a, b in layout.segments for t in types[s][a:b]],
                 # A token's positions depend on the tokens before it in its own sequence only.
-                "position_ids": torch.cat([rope_positions(types[s][:b], [grids[i].tolist()], merge)[:, a:]
+                "position_ids": torch.cat([rope_positions(types[s][:b], [grids[r].tolist()], merge)[:, a:]
                                            for s, a, b in layout.segments], dim=1),
                 "visible": layout.visible, "branch_start": layout.branch_start,
             })
-            score_index += layout.score_index
-            score_row += [i] * len(sequences)
-            if isinstance(item["target"], list):  # records of one chain: one item each
-                item_index += range(len(targets), len(targets) + len(texts))
-                targets += list(item["target"])
-                domains += list(item["domain"])
-            else:
-                item_index += [len(targets)] * len(texts)
-                targets.append(item["target"])
-                domains.append(item["domain"])
+            where.update({key: (r, q) for key, q in zip(keys, layout.score_index)})
+        order = [where[(i, j)] for i, item in enumerate(items) for j in range(len(item["texts"]))]
         batch = self._pad(rows, tokenizer.pad_token_id)
         batch["pixel_values"] = vision["pixel_values"]
         batch["image_grid_thw"] = grids
-        batch["score_index"] = torch.tensor(score_index, dtype=torch.long)
-        batch["score_row"] = torch.tensor(score_row, dtype=torch.long)
-        batch["item_index"] = torch.tensor(item_index, dtype=torch.long)
-        batch["domain"] = torch.tensor(domains, dtype=torch.long)
-        batch["target"] = torch.tensor(targets, dtype=torch.float32)
+        batch["score_row"] = torch.tensor([r for r, _ in order], dtype=torch.long)
+        batch["score_index"] = torch.tensor([q for _, q in order], dtype=torch.long)
+        batch["item_index"] = torch.tensor([i for i, item in enumerate(items) for _ in item["texts"]], dtype=torch.long)
+        batch["domain"] = torch.tensor([item["domain"] for item in items], dtype=torch.long)
+        batch["target"] = torch.tensor([item["target"] for item in items], dtype=torch.float32)
         return batch
 
     @staticmethod

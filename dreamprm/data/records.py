@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -43,6 +43,9 @@ class TrainRecord:
     chain_id: str | None
     step_index: int | None
     source: str  # "FILE:record N", for messages
+    # `input`, for grouping a chain's records (prefix packing); `text` already holds it, so it takes
+    # no part in equality.
+    question: str | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -209,7 +212,7 @@ def _build_train(record: Any, where: str, root: Path, images: ImageChecker, prob
     chain_id = record.get("id")
     return TrainRecord(text=record["input"] + "\n\n" + record["add"], image_path=image, domain=record["dataset"],
                        accuracy=float(accuracy), chain_id=None if chain_id is None else str(chain_id),
-                       step_index=record.get("sid"), source=where)
+                       step_index=record.get("sid"), source=where, question=record["input"])
 
 
 def _build_meta(record: Any, where: str, root: Path, images: ImageChecker, problems: list[str]) -> MetaRecord | None:
