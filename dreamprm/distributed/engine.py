@@ -221,14 +221,14 @@ class DistributedEngine:
         """fp32 copies of this rank's elements of the current gradient (after backward, before step)."""
         out = []
         for o in self._owned:
-            if self.stage == 3:
-                grad = safe_get_local_grad(o.param)
-                grad = torch.zeros(o.hi - o.lo) if grad is None else grad.reshape(-1)[o.lo:o.hi]
-            else:
-                grad = safe_get_full_grad(o.param)
-                grad = torch.zeros(o.hi - o.lo) if grad is None else grad.reshape(-1)[o.lo:o.hi]
-            out.append(grad.detach().float().clone())
+            grad = self._owned_slice(o, safe_get_local_grad(o.param) if self.stage == 3 else safe_get_full_grad(o.param))
+            out.append(torch.zeros(o.hi - o.lo) if grad is None else grad.clone())
         return out
+
+    @staticmethod
+    def _owned_slice(o: _Owned, tensor: torch.Tensor | None) -> torch.Tensor | None:
+        """The owned range of a (local ZeRO-3 or full) per-parameter tensor, detached fp32."""
+        return None if tensor is None else tensor.reshape(-1)[o.lo:o.hi].detach().float()
 
     def full_gradients_for_edit(self, owned: list[torch.Tensor]) -> list[torch.Tensor]:
         """Direction vectors in the layout `perturb` edits: owned elements (ZeRO-3) or whole tensors."""
@@ -290,13 +290,11 @@ class DistributedEngine:
         correction = 1.0 - beta2 ** step
         roots = []
         for o in self._owned:
-            if self.stage == 3:
-                state = safe_get_local_optimizer_state(o.param, "exp_avg_sq")
-            else:
-                state = safe_get_full_optimizer_state(o.param, "exp_avg_sq")
+            state = self._owned_slice(o, safe_get_local_optimizer_state(o.param, "exp_avg_sq") if self.stage == 3
+                                      else safe_get_full_optimizer_state(o.param, "exp_avg_sq"))
             if state is None:
                 return None
-            roots.append((state.reshape(-1)[o.lo:o.hi].detach().float() / correction).sqrt())
+            roots.append((state / correction).sqrt())
         totals = torch.stack([sum((r.double().sum().cpu() for r in roots), torch.zeros((), dtype=torch.float64)),
                               torch.tensor(float(sum(r.numel() for r in roots)), dtype=torch.float64)])
         total, count = self.all_reduce_sum(totals.to(self.info.device)).cpu().tolist()
