@@ -25,6 +25,7 @@ HYPERGRAD_METHODS = ("exact", "fd", "fd_bf16_naive")
 AGGREGATIONS = ("mean_logit", "mean", "min", "max", "product", "last")
 META_LOSSES = ("pairwise", "mse")
 META_OPTIMIZERS = ("gated", "adamw", "sgd")
+WEIGHTINGS = ("domain", "instance", "both")
 
 
 class ConfigError(ValueError):
@@ -99,6 +100,12 @@ class BilevelConfig:
     hypergrad_geometry: str = _f("sgd", "inner products of the hypergradient: 'sgd' (<∇L_k, v>, DARTS) or 'adam' "
                                  "(<P ∇L_k, v>, P the PRM optimiser's preconditioner 1/(sqrt(v̂)+eps))",
                                  choices=("sgd", "adam"))
+    weighting: str = _f("domain", "what the upper level weights: 'domain' (one weight per domain, DreamPRM), "
+                        "'instance' (one per training record, DreamPRM-1.5; a report of the records it learned to "
+                        "distrust in instance_weights.jsonl) or 'both' (their product); instance weights need "
+                        "--hypergrad fd (all records' derivatives from the same two forwards)", choices=WEIGHTINGS)
+    instance_lr: float = _f(0.3, "--weighting instance/both: how far one visit moves a record's logit (the step is "
+                            "instance_lr · g / rms(g), the RMS over the update's records)")
     weight_check_every: int = _f(10, "check every N upper steps that all ranks hold identical domain weights")
 
 
@@ -151,13 +158,18 @@ class TrainConfig:
                 raise ConfigError(f"--{name}: must be >= 1, got {value}")
         if not 0.0 <= self.bilevel.meta_beta < 1.0:
             raise ConfigError(f"--meta_beta: must be in [0, 1), got {self.bilevel.meta_beta}")
-        for name, value in {"lr": self.optim.lr, "meta_lr": self.bilevel.meta_lr, "fd_radius": self.bilevel.fd_radius}.items():
+        for name, value in {"lr": self.optim.lr, "meta_lr": self.bilevel.meta_lr, "fd_radius": self.bilevel.fd_radius,
+                            "instance_lr": self.bilevel.instance_lr}.items():
             if not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"--{name}: must be a positive number, got {value}")
         for name, value in {"weight_decay": self.optim.weight_decay, "scheduler_gamma": self.optim.scheduler_gamma,
                             "meta_weight_decay": self.bilevel.meta_weight_decay}.items():
             if not (math.isfinite(value) and value >= 0):
                 raise ConfigError(f"--{name}: must be a number >= 0, got {value}")
+        if self.bilevel.weighting != "domain" and not self.bilevel.baseline and self.bilevel.hypergrad == "exact":
+            raise ConfigError(f"--weighting {self.bilevel.weighting} needs every record's directional derivative: "
+                              "--hypergrad fd gives all of them from the same two forwards (with --precision fp32), "
+                              "--hypergrad exact would take one backward pass per record")
         if self.data.num_workers < 0:
             raise ConfigError(f"--num_workers: must be >= 0, got {self.data.num_workers}")
         if self.data.chain_batches and self.data.packing != "chain":

@@ -23,9 +23,14 @@ def domain_loss_sums(per_sample: torch.Tensor, domain: torch.Tensor, num_domains
     return torch.zeros(num_domains, dtype=per_sample.dtype, device=per_sample.device).index_add(0, domain, per_sample)
 
 
-def weighted_training_loss(per_sample: torch.Tensor, domain: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """sum_i w_{domain(i)} * loss_i / batch: the lower-level objective of one micro-batch."""
-    return (weights.to(per_sample.device)[domain] * per_sample).sum() / per_sample.numel()
+def weighted_training_loss(per_sample: torch.Tensor, domain: torch.Tensor, weights: torch.Tensor,
+                           instance_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_i w_{domain(i)} [* u_i] * loss_i / batch: the lower-level objective of one micro-batch
+    (`instance_weights` u_i: one per sample, under --weighting instance/both)."""
+    per_sample_weights = weights.to(per_sample.device)[domain]
+    if instance_weights is not None:
+        per_sample_weights = per_sample_weights * instance_weights.to(per_sample.device)
+    return (per_sample_weights * per_sample).sum() / per_sample.numel()
 
 
 def mse_meta_loss(chain_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,14 @@ class MetricsLogger:
         for tag, value in values.items():
             self.writer.add_scalar(tag, value, step)
 
+    def histograms(self, step: int, values: dict[str, Any]) -> None:
+        """One TensorBoard histogram per tag (empty tensors are left out)."""
+        if self.writer is None:
+            return
+        for tag, tensor in values.items():
+            if tensor.numel():
+                self.writer.add_histogram(tag, tensor, step)
+
     def progress(self, steps: int, **postfix: Any) -> None:
         if self.bar is not None:
             self.bar.update(steps)

@@ -19,6 +19,21 @@ def write_domain_weight_summary(folder: str | Path, weights: dict[str, float], l
     return json_path, png_path
 
 
+def write_instance_weight_report(folder: str | Path, train_file: str | Path, records: list, weights: list[float]
+                                 ) -> Path:
+    """``instance_weights.jsonl``: one line per training record, lowest weight first: the records the
+    upper level learned to distrust come first (a data-cleaning report; see the README)."""
+    path = Path(folder) / "instance_weights.jsonl"
+    order = sorted(range(len(records)), key=lambda i: (weights[i], i))
+    with open(path, "w", encoding="utf-8") as f:
+        for i in order:
+            r = records[i]
+            f.write(json.dumps({"file": str(train_file), "record": int(r.source.rpartition("record ")[2]),
+                                "id": r.chain_id, "sid": r.step_index, "domain": r.domain,
+                                "weight": round(weights[i], 6)}) + "\n")
+    return path
+
+
 def draw_bar_chart(ranked: list[tuple[str, float]], path: Path, width: int = 720) -> None:
     font = ImageFont.load_default()
     row, left, right, top = 34, 170, 80, 50

@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from dreamprm.bilevel.domain_weights import DomainWeights
+from dreamprm.bilevel.instance_weights import InstanceWeights
 from dreamprm.bilevel.meta_optimizer import build_meta_optimizer
 from dreamprm.bilevel.upper import UpperResult, model_inputs, upper_step
 from dreamprm.checkpoint import (Checkpointer, CheckpointWriteError, checkpoint_name, complete_checkpoints,
@@ -41,7 +42,7 @@ from dreamprm.metrics import MetricsLogger
 from dreamprm.model.loading import build_prm, export_prm, resolve_model_dir
 from dreamprm.model.processor import load_processor
 from dreamprm.preemption import EXIT_PREEMPTED, StopRequest
-from dreamprm.summary import write_domain_weight_summary
+from dreamprm.summary import write_domain_weight_summary, write_instance_weight_report
 
 TINY_MODEL_DIR = REPO_ROOT / "runs" / "tiny-qwen2vl"
 
@@ -116,6 +117,7 @@ class Trainer:
     # --- components
     engine: DistributedEngine
     domain_weights: DomainWeights
+    instance_weights: InstanceWeights | None  # --weighting instance/both
     meta_optimizer: torch.optim.Optimizer
     train_sampler: DistributedBatchSampler
     meta_sampler: DistributedBatchSampler
@@ -144,6 +146,11 @@ class Trainer:
         self.processor = load_processor(self.reward_model, trust_remote_code=config.model.trust_remote_code)
         self.engine = self._build_engine()
         self.domain_weights = DomainWeights(list(self.domains))
+        self.train_records = train_records
+        self.instance_weights = (InstanceWeights(len(train_records), bilevel.instance_lr)
+                                 if bilevel.weighting != "domain" and not bilevel.baseline else None)
+        self._record_domains = None if self.instance_weights is None else torch.tensor(
+            [self.domains[r.domain] for r in train_records], dtype=torch.int32)  # for the histograms
         self.meta_optimizer = build_meta_optimizer(bilevel.meta_optimizer, self.domain_weights.parameters(),
                                                    lr=bilevel.meta_lr, weight_decay=bilevel.meta_weight_decay,
                                                    beta=bilevel.meta_beta)
@@ -263,6 +270,11 @@ class Trainer:
             self._saved = (trainer_state["state"]["step"], folder)
         self.state = TrainState(**trainer_state["state"])
         self.domain_weights.load_state_dict(trainer_state["domain_weights"])
+        if self.instance_weights is not None:
+            if "instance_weights" in trainer_state:
+                self.instance_weights.load_state_dict(trainer_state["instance_weights"])
+            elif self.engine.is_main:  # e.g. branched from a vanilla warm-up
+                print(f"resume: {folder} holds no instance weights; every record starts at weight 1", flush=True)
         # Another optimiser's state does not fit this one (a run branched from a checkpoint may choose
         # its own): it starts fresh. Checkpoints without the kind say it through their hyperparameters.
         groups = trainer_state["meta_optimizer"]["param_groups"]
@@ -298,6 +310,10 @@ class Trainer:
         differences = []
         if saved["domains"] != self.domains:
             differences.append(f"domains: checkpoint {saved['domains']} vs data {self.domains}")
+        table = saved.get("instance_weights")
+        if self.instance_weights is not None and table is not None and table["logits"].numel() != len(self.train_records):
+            differences.append(f"instance weights: checkpoint {table['logits'].numel()} records vs "
+                               f"{len(self.train_records)} in {self.config.data.train_json_file}")
         # Model directories are recorded absolute; older checkpoints may hold a relative spelling.
         then = {**saved["identity"], "reward_model": os.path.abspath(saved["identity"]["reward_model"])}
         for key, now in self._identity().items():
@@ -307,9 +323,12 @@ class Trainer:
             raise ConfigError(f"--resume {folder}: the checkpoint belongs to a different run: " + "; ".join(differences))
 
     def _trainer_state(self) -> dict[str, Any]:
-        return {"state": self.state.as_dict(), "domains": self.domains,
-                "domain_weights": self.domain_weights.state_dict(), "meta_optimizer": self.meta_optimizer.state_dict(),
-                "meta_optimizer_kind": self.config.bilevel.meta_optimizer, "identity": self._identity()}
+        state = {"state": self.state.as_dict(), "domains": self.domains,
+                 "domain_weights": self.domain_weights.state_dict(), "meta_optimizer": self.meta_optimizer.state_dict(),
+                 "meta_optimizer_kind": self.config.bilevel.meta_optimizer, "identity": self._identity()}
+        if self.instance_weights is not None:
+            state["instance_weights"] = self.instance_weights.state_dict()
+        return state
 
     def _identity(self) -> dict[str, str]:
         """What a checkpoint must share with the run that resumes it (besides the domains)."""
@@ -413,7 +432,8 @@ class Trainer:
             if self.info.rank == 0 and self.state.step + 1 in self.faults["lower"]:
                 logits = logits * float("nan")
             per_sample = per_sample_mse(logits, batch["target"])
-            loss = weighted_training_loss(per_sample, batch["domain"], weights)
+            instance = None if self.instance_weights is None else self.instance_weights.weights(batch["record"])
+            loss = weighted_training_loss(per_sample, batch["domain"], weights, instance)
             nonfinite += (~torch.isfinite(loss)).float()
             boundary = self.engine.is_accumulation_boundary()
             if boundary:
@@ -446,7 +466,8 @@ class Trainer:
         inject = self.info.rank == 0 and self.state.upper_steps + 1 in self.faults["upper"]
         result = upper_step(self.engine, self.domain_weights, self.meta_optimizer, meta_batch, train_batches,
                             method=b.hypergrad, radius=b.fd_radius, aggregation=b.aggregation, objective=b.meta_loss,
-                            geometry=b.hypergrad_geometry, meta_loss_scale=float("nan") if inject else 1.0)
+                            geometry=b.hypergrad_geometry, meta_loss_scale=float("nan") if inject else 1.0,
+                            instance_weights=self.instance_weights, update_domains=b.weighting != "instance")
         seconds = time.perf_counter() - started  # synchronised: the result came through all-reduces
         self.state.upper_steps += 1
         if result.applied:
@@ -479,11 +500,16 @@ class Trainer:
                                   f"and the last good state is saved in {folder}")
 
     def check_replicated_weights(self) -> None:
-        checksum = self.domain_weights.checksum().reshape(1)
-        both = self.engine.all_reduce_max(torch.cat([checksum, -checksum]).to(self.info.device)).cpu()
-        if float(both[0]) != -float(both[1]):
-            raise RuntimeError(f"domain weights differ across ranks at step {self.state.step} "
-                               f"(checksums range {-float(both[1])} .. {float(both[0])}); replicated state is corrupt")
+        checksums = {"domain": self.domain_weights.checksum()}
+        if self.instance_weights is not None:
+            checksums["instance"] = self.instance_weights.checksum()
+        values = torch.stack(list(checksums.values())).double()
+        both = self.engine.all_reduce_max(torch.cat([values, -values]).to(self.info.device)).cpu()
+        k = len(checksums)
+        for i, name in enumerate(checksums):
+            if float(both[i]) != -float(both[k + i]):
+                raise RuntimeError(f"{name} weights differ across ranks at step {self.state.step} (checksums range "
+                                   f"{-float(both[k + i])} .. {float(both[i])}); replicated state is corrupt")
 
     # ------------------------------------------------------------------ logging
     def _accumulate(self, window: Window, batch, per_sample: torch.Tensor, loss: torch.Tensor) -> None:
@@ -535,6 +561,9 @@ class Trainer:
             values[f"hypergrad/{name}"] = float(result.hypergradient[i])
         for name, w in self.domain_weights.as_dict().items():
             values[f"domain_weight/{name}"] = w
+        if result.instance is not None:
+            values["instance/rows_updated"] = result.instance["rows"]
+            values["instance/hypergrad_rms"] = result.instance["rms"]
         gate = self.meta_optimizer.state.get(self.domain_weights.logits, {}).get("gate")
         if gate is not None:  # --meta_optimizer gated: how far each domain's signal stands out from noise
             for name, i in self.domains.items():
@@ -553,20 +582,34 @@ class Trainer:
                 self.logger.close()  # ends the progress bar's line: the error message starts on its own
                 raise
             self._saved = (self.state.step, folder)
+            self.log_instance_histograms()
             self.logger.flush()
         elif final:
             self.checkpointer.mark_final(self._saved[1])
         return self._saved[1]
 
+    def log_instance_histograms(self) -> None:
+        """TensorBoard histograms of the instance weights, one per domain (O(records): at checkpoints)."""
+        if self.instance_weights is None or not self.engine.is_main:
+            return
+        weights = self.instance_weights.all_weights()
+        self.logger.histograms(self.state.step, {f"instance_weight/{name}": weights[self._record_domains == i]
+                                                 for name, i in self.domains.items()})
+
     def finish(self) -> None:
-        """Domain-weight summary and the exported PRM."""
+        """Domain-weight summary, the instance-weight report and the exported PRM."""
         weights = self.domain_weights.as_dict()
         if self.engine.is_main:
             write_domain_weight_summary(self.output, weights, self.domain_weights.logits.detach().tolist())
+            if self.instance_weights is not None:
+                path = write_instance_weight_report(self.output, self.config.data.train_json_file, self.train_records,
+                                                    self.instance_weights.all_weights().tolist())
+                self.logger.info(f"instance weights of {len(self.train_records)} records, lowest first: {path}")
         if self.config.run.export:
             state_dict = self.engine.consolidated_state_dict()
             if self.engine.is_main:
                 meta = {"base_model": self.reward_model, "domains": self.domains, "domain_weights": weights,
+                        "weighting": self.config.bilevel.weighting,
                         "aggregation": self.config.bilevel.aggregation, "step": self.state.step,
                         "max_image_side": self.config.data.max_image_side}
                 export_prm(self.output / "export", state_dict, self.engine.module, self.processor, meta)

@@ -21,6 +21,9 @@ Three tasks (``--task``), each a set of training domains that differ in their la
     real         corruptions that occur in real PRM data: outcome_only (every prefix labelled with the
                  chain's final correctness, 0 or 1) and missed_error (1.5x: the rollouts miss the
                  wrong step, so it and every later prefix keep the label of a right chain), beside clean.
+    hidden       corrupted records inside otherwise clean domains, for instance weights: clean,
+                 chains_inverted (30% of its chains inverted, every prefix) and labels_replaced (30% of
+                 its labels replaced as in noisy_*). Domain weights can only down-weight a whole domain.
 
 Random-record replacement keeps each domain's label distribution and destroys only information
 (uniform random values would act like label smoothing, which a meta objective can prefer).
@@ -28,7 +31,8 @@ Random-record replacement keeps each domain's label distribution and destroys on
 Writes, under ``--out``:
 
     images/*.png       56x56 scenes (train_<domain>_NNN, meta_NNN, test_NNN)
-    train.json         all five domains (lower level)
+    train.json         all the task's domains (lower level)
+    corrupted.json     indices (in train.json) of the records whose label the corruption changed
     train_clean.json   the clean domain(s) alone (the learnability check)
     meta.json          clean meta chains, half right, half wrong (upper level)
     test.json          Best-of-N candidates: N = 8 chains per question, 1-4 of them right
@@ -75,7 +79,7 @@ P_CHAIN_ERROR = 0.72
 
 @dataclass(frozen=True)
 class Domain:
-    kind: str  # clean | replace | inverted | outcome | missed_error
+    kind: str  # clean | replace | inverted | inverted_chains | outcome | missed_error
     noise: float  # the quality axis of the task (share of labels without information; inverted 1)
     p_error: float = P_CHAIN_ERROR  # share of chains with a wrong step
     size: float = 1.0  # chains, in units of --chains_per_domain
@@ -88,6 +92,8 @@ TASKS: dict[str, dict[str, Domain]] = {
                    "noisy_80": Domain("replace", 0.8), "inverted": Domain("inverted", 1.0, size=INVERTED_SIZE)},
     "real": {"clean": Domain("clean", 0.0), "outcome_only": Domain("outcome", 0.5),
              "missed_error": Domain("missed_error", 1.0, size=INVERTED_SIZE)},
+    "hidden": {"clean": Domain("clean", 0.0), "chains_inverted": Domain("inverted_chains", 0.3),
+               "labels_replaced": Domain("replace", 0.3)},
 }
 DOMAINS = TASKS["noise"]
 N_CANDIDATES = 8
@@ -113,18 +119,23 @@ def corrupt_labels(domain: Domain, records: list[dict], chains: dict[str, tuple[
     """Corrupt one domain's `accuracy` labels in place; returns how many were changed.
 
     'replace': each label, with probability `noise`, becomes the (true) label of a random record of
-    the same domain. 'inverted': every label becomes 1 - label. 'outcome': every prefix gets its
+    the same domain. 'inverted': every label becomes 1 - label; 'inverted_chains': so does every label
+    of a `noise` share of the domain's chains. 'outcome': every prefix gets its
     chain's final correctness. 'missed_error': in a wrong chain, the wrong step and every later
     prefix are labelled as if the chain had stayed right. `chains`: id -> (steps, wrong step or None).
     """
     changed = 0
     pool = [r["accuracy"] for r in records]
+    ids = sorted({r["id"] for r in records})
+    inverted_chains = set(rng.sample(ids, round(domain.noise * len(ids)))) if domain.kind == "inverted_chains" else set()
     for r in records:
         n_steps, err = chains[r["id"]]
         if domain.kind == "clean":
             new = r["accuracy"]
-        elif domain.kind == "inverted":
+        elif domain.kind == "inverted" or r["id"] in inverted_chains:
             new = 1.0 - r["accuracy"]
+        elif domain.kind == "inverted_chains":
+            new = r["accuracy"]
         elif domain.kind == "replace":
             new = rng.choice(pool) if rng.random() < domain.noise else r["accuracy"]
         elif domain.kind == "outcome":
@@ -139,9 +150,11 @@ def corrupt_labels(domain: Domain, records: list[dict], chains: dict[str, tuple[
 
 
 def build_train(seed: int, out: Path, chains_per_domain: int, task: str = "noise",
-                inverted_size: float = INVERTED_SIZE) -> tuple[list[dict], dict[str, dict]]:
+                inverted_size: float = INVERTED_SIZE) -> tuple[list[dict], dict[str, dict], list[int]]:
+    """The training records, per-domain statistics, and the indices of the records whose label changed."""
     records: list[dict] = []
     stats: dict[str, dict] = {}
+    corrupted: list[int] = []
     for name, domain in TASKS[task].items():
         rng = random.Random(f"quality/{seed}/train/{name}" if task == "noise" else f"quality/{task}/{seed}/train/{name}")
         first = len(records)
@@ -168,13 +181,14 @@ def build_train(seed: int, out: Path, chains_per_domain: int, task: str = "noise
         true_labels = [r["accuracy"] for r in mine]
         changed = corrupt_labels(domain, mine, shapes, random.Random(f"quality/{seed}/noise/{name}"))
         labels = [r["accuracy"] for r in mine]
+        corrupted += [first + i for i, (t, x) in enumerate(zip(true_labels, labels)) if t != x]
         stats[name] = {
             "kind": domain.kind, "noise": domain.noise, "chains": chains, "records": len(mine),
             "labels_changed": changed, "label_mean": round(statistics.fmean(labels), 4),
             # How much of the true label a domain's labels still carry (1 clean, 0 none, -1 inverted).
             "label_truth_correlation": round(pearson(true_labels, labels), 4),
         }
-    return records, stats
+    return records, stats, corrupted
 
 
 def pearson(x: list[float], y: list[float]) -> float:
@@ -239,10 +253,11 @@ def make_task(out: str | Path, seed: int = 0, chains_per_domain: int = 48, n_met
     for name in sorted(os.listdir(images)):  # drop stale images of an earlier draw
         if name.endswith(".png") and name.split("_")[0] in ("train", "meta", "test"):
             os.remove(images / name)
-    train, domain_stats = build_train(seed, out, chains_per_domain, task, inverted_size)
+    train, domain_stats, corrupted = build_train(seed, out, chains_per_domain, task, inverted_size)
     meta = build_meta(seed, out, n_meta, meta_wrong)
     test = build_test(seed, out, n_test)
     write_json(out / "train.json", train)
+    write_json(out / "corrupted.json", corrupted)
     clean = [name for name, d in TASKS[task].items() if d.kind == "clean"]
     write_json(out / "train_clean.json", [r for r in train if r["dataset"] in clean])
     write_json(out / "meta.json", meta)
@@ -250,6 +265,7 @@ def make_task(out: str | Path, seed: int = 0, chains_per_domain: int = 48, n_met
     right = [sum(c["correct"] for c in q["candidates"]) for q in test]
     manifest = {
         "seed": seed, "task": task, "domains": domain_stats, "train_records": len(train),
+        "corrupted_records": len(corrupted),
         "meta": {"chains": len(meta), "true": sum(r["true_false"] for r in meta),
                  "label_mean": round(sum(r["true_false"] for r in meta) / len(meta), 4)},
         "test": {"questions": len(test), "n": N_CANDIDATES, "right_per_question": [min(right), max(right)],

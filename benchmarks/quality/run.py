@@ -60,14 +60,19 @@ ARMS = {
     "pairwise": ["--meta_loss", "pairwise"],  # the default objective
     "original": ["--meta_loss", "mse", "--meta_optimizer", "adamw", "--hypergrad_batches", "last"],  # the recipe
     "exact": ["--hypergrad", "exact"],  # defaults with the exact estimator (whatever --hypergrad says)
+    "instance": ["--weighting", "instance", "--hypergrad", "fd"],  # one weight per record (needs fd)
+    "both": ["--weighting", "both", "--hypergrad", "fd"],  # domain x record weights
     "clean": ["--baseline"],  # the clean domain(s) alone, from scratch
 }
 DEFAULT_ARMS = ("vanilla", "mse", "pairwise", "clean")
 ARM_LABELS = {"vanilla": "vanilla PRM (--baseline)", "mse": "DreamPRM, original objective (--meta_loss mse)",
               "pairwise": "DreamPRM, defaults (--meta_loss pairwise)",
               "original": "DreamPRM, original recipe (mse, AdamW, last batch)",
-              "exact": "DreamPRM, defaults with --hypergrad exact", "clean": "vanilla PRM, clean domain(s) only"}
-BILEVEL_ARMS = ("mse", "pairwise", "original", "exact")
+              "exact": "DreamPRM, defaults with --hypergrad exact", "clean": "vanilla PRM, clean domain(s) only",
+              "instance": "DreamPRM, instance weights (--weighting instance)",
+              "both": "DreamPRM, domain x instance weights (--weighting both)"}
+BILEVEL_ARMS = ("mse", "pairwise", "original", "exact", "instance", "both")
+INSTANCE_ARMS = ("instance", "both")
 
 
 def noise_of(task: str) -> dict[str, float]:
@@ -157,6 +162,31 @@ def spearman(x: list[float], y: list[float]) -> float:
     return make_task.pearson(ranks(x), ranks(y))
 
 
+def auc(clean: list[float], corrupted: list[float]) -> float:
+    """P(a clean record's weight > a corrupted one's), ties counting 1/2 (Mann-Whitney)."""
+    r = ranks(clean + corrupted)
+    n_clean, n_bad = len(clean), len(corrupted)
+    return (sum(r[:n_clean]) - n_clean * (n_clean + 1) / 2) / (n_clean * n_bad)
+
+
+def instance_report(run: Path, task: Path, domains: list[str]) -> dict:
+    """AUC of a run's instance weights for corrupted against clean records: over the task, and
+    within each domain that holds corrupted records; and each domain's mean instance weight."""
+    bad = set(json.loads((task / "corrupted.json").read_text()))
+    rows = [json.loads(line) for line in (run / "instance_weights.jsonl").read_text().splitlines()]
+    weight = {r["record"]: r["weight"] for r in rows}
+    domain = {r["record"]: r["domain"] for r in rows}
+    clean = [w for i, w in weight.items() if i not in bad]
+    out = {"auc": auc(clean, [weight[i] for i in bad]), "auc_by_domain": {},
+           "mean_weight": {d: statistics.fmean(w for i, w in weight.items() if domain[i] == d) for d in domains}}
+    for d in domains:
+        own_bad = [weight[i] for i in bad if domain[i] == d]
+        own_clean = [w for i, w in weight.items() if domain[i] == d and i not in bad]
+        if own_bad and own_clean:
+            out["auc_by_domain"][d] = auc(own_clean, own_bad)
+    return out
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
@@ -238,6 +268,10 @@ def collect(args, root: Path) -> dict:
                                   for row in report["by_n"]}}
                 if arm in BILEVEL_ARMS:
                     weights = json.loads((run / "domain_weights.json").read_text())["weights"]
+                    if arm in INSTANCE_ARMS:
+                        entry["instance"] = instance_report(run, root / task_name / "task", list(noise))
+                        if arm == "instance":  # domain weights stay 1: report each domain's mean record weight
+                            weights = entry["instance"]["mean_weight"]
                     entry["weights"] = {name: weights[name] for name in noise}
                     entry["spearman_weight_noise"] = spearman([weights[n] for n in noise], list(noise.values()))
                     entry["meta_loss_end"] = final_meta_loss(run)
@@ -287,6 +321,26 @@ def weight_table(args, task_name: str, manifest: dict, runs: dict) -> list[str]:
         cells += [" ".join(f"{runs[f'{a}-{task_name}-s{s}'][key]:+.2f}" for s in seeds) for a in arms]
         lines.append(f"| {label} | | | " + " | ".join(cells) + " |")
     return lines
+
+
+def instance_table(args, task_name: str, manifest: dict, runs: dict) -> list[str]:
+    """AUC of the instance weights, corrupted against clean records (goal on `hidden`: mean ≥ 0.85)."""
+    arms = [a for a in args.arms if a in INSTANCE_ARMS]
+    if not arms or not manifest.get("corrupted_records"):
+        return []
+    lines = [f"Instance weights as a detector of the {manifest['corrupted_records']} records whose label the corruption "
+             "changed: AUC (P(clean record weighted above a corrupted one); 0.5 chance), over the task and within "
+             "each domain that holds corrupted records:", "",
+             "| arm | over the task, mean ± std | per seed | " + " | ".join(
+                 f"within {d}" for d, v in manifest["domains"].items() if v["labels_changed"]) + " |",
+             "|---|---:|---:|" + "---:|" * sum(1 for v in manifest["domains"].values() if v["labels_changed"])]
+    for arm in arms:
+        entries = [runs[f"{arm}-{task_name}-s{s}"]["instance"] for s in args.seeds]
+        cells = [fmt([e["auc"] for e in entries]), " ".join(f"{e['auc']:.2f}" for e in entries)]
+        cells += [fmt([e["auc_by_domain"][d] for e in entries]) for d, v in manifest["domains"].items()
+                  if v["labels_changed"]]
+        lines.append(f"| {ARM_LABELS[arm]} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def bon_table(args, task_name: str, runs: dict) -> list[str]:
@@ -349,7 +403,8 @@ def write_results(args, command: str, manifests: dict, runs: dict, timing: dict,
     ]
     for task_name, manifest in manifests.items():
         md += [f"## Task `{task_name}` ({manifest['train_records']} training records)", "",
-               "Learned domain weights (mean 1):", "", *weight_table(args, task_name, manifest, runs), "",
+               "Learned domain weights (mean 1; instance arm: each domain's mean record weight):", "",
+               *weight_table(args, task_name, manifest, runs), "", *instance_table(args, task_name, manifest, runs),
                f"Best-of-N accuracy on {manifest['test']['questions']} held-out questions (mean ± std over seeds; "
                f"N < {manifest['test']['n']}: mean over candidate subsets):", "", *bon_table(args, task_name, runs), ""]
     path_md.write_text("\n".join(md) + "\n")
@@ -359,7 +414,8 @@ def write_results(args, command: str, manifests: dict, runs: dict, timing: dict,
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default=str(REPO / "runs" / "quality"), help="tasks, models, runs and logs go here")
-    p.add_argument("--tasks", nargs="+", default=list(make_task.TASKS), choices=list(make_task.TASKS))
+    p.add_argument("--tasks", nargs="+", default=["noise", "label_mean", "real"], choices=list(make_task.TASKS),
+                   help="'hidden' (corrupted records inside clean domains) is for --arms instance both")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--arms", nargs="+", default=list(DEFAULT_ARMS), choices=list(ARMS))
     g = p.add_argument_group("task")

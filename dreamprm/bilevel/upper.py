@@ -5,7 +5,8 @@ It drives the engine through `DistributedEngine`'s methods (duck-typed here: thi
 import DeepSpeed). Communication beyond the forward/backward passes: one all-gather of the meta
 chains' scores (the ranking objectives compare chains across ranks), one all-reduce for ‖v‖², one of
 K domain counts (`exact`) and one of K floats (the per-domain sums or inner products), identical on
-every rank afterwards.
+every rank afterwards. Instance weights add one all-gather of (row, hypergradient) pairs, two floats
+per record of the segment's global batch, never sized by the table.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import torch
 
 from dreamprm.bilevel import hypergradient as hg
 from dreamprm.bilevel.domain_weights import DomainWeights
+from dreamprm.bilevel.instance_weights import InstanceWeights
 from dreamprm.data.datasets import select_rows
 from dreamprm.bilevel.aggregation import aggregate_logits
 from dreamprm.losses import chain_meta_loss, domain_loss_sums, per_sample_mse
@@ -37,6 +39,7 @@ class UpperResult:
     v_norm: float
     epsilon: float | None
     applied: bool  # False when a non-finite value skipped the update
+    instance: dict[str, float] | None = None  # --weighting instance/both: the table update's summary
 
 
 def meta_gradient(engine: Any, meta_batch: dict[str, torch.Tensor], aggregation: str, objective: str = "mse",
@@ -65,11 +68,16 @@ def meta_gradient(engine: Any, meta_batch: dict[str, torch.Tensor], aggregation:
     return v, float(total[0]) / engine.info.world_size
 
 
-def domain_sums_at(engine: Any, batch: dict[str, torch.Tensor], num_domains: int) -> torch.Tensor:
-    """All-reduced per-domain loss sums S_k at the current parameters (no-grad forward)."""
+def per_sample_losses_at(engine: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """This rank's per-sample training losses at the current parameters (no-grad forward)."""
     with torch.no_grad():
         logits = engine.forward(model_inputs(batch))
-    sums = domain_loss_sums(per_sample_mse(logits, batch["target"]), batch["domain"], num_domains).double()
+    return per_sample_mse(logits, batch["target"])
+
+
+def domain_sums_at(engine: Any, batch: dict[str, torch.Tensor], num_domains: int) -> torch.Tensor:
+    """All-reduced per-domain loss sums S_k at the current parameters (no-grad forward)."""
+    sums = domain_loss_sums(per_sample_losses_at(engine, batch), batch["domain"], num_domains).double()
     return engine.all_reduce_sum(sums)
 
 
@@ -100,13 +108,67 @@ def exact_domain_dots(engine: Any, batch: dict[str, torch.Tensor], v: list[torch
     return engine.all_reduce_sum(local.to(engine.info.device)).cpu()
 
 
+def finite_difference(engine: Any, v: list[torch.Tensor], train_batches: list[dict[str, torch.Tensor]],
+                      radius: float, v_norm: float, num_domains: int,
+                      instance_weights: list[torch.Tensor] | None = None
+                      ) -> tuple[torch.Tensor, list[torch.Tensor], float]:
+    """Central difference along v from two forwards per batch at θ ± εv (parameters restored after).
+
+    Returns (d_k [K], all-reduced; this rank's per-record d_i, one [batch] tensor per batch; ε), with
+    d_i = (ℓ_i(θ+εv) - ℓ_i(θ-εv)) / (2εN) and N the global number of samples. With
+    `instance_weights` (u_i per batch) the domain sums are of u_i ℓ_i: d_k = Σ_{i in k} u_i d_i.
+    """
+    epsilon = hg.fd_epsilon(radius, v_norm) if math.isfinite(v_norm) and v_norm > 0 else float("nan")
+    global_count = engine.info.world_size * sum(b["target"].numel() for b in train_batches)
+    if not math.isfinite(epsilon):
+        nan = torch.full((num_domains,), float("nan"), dtype=torch.float64)
+        return nan, [torch.full_like(b["target"], float("nan"), dtype=torch.float64) for b in train_batches], epsilon
+    snapshot = engine.master_params_snapshot()
+    direction = engine.full_gradients_for_edit(v)
+    losses: dict[float, list[torch.Tensor]] = {}
+
+    def sums_at(t: float) -> torch.Tensor:
+        engine.perturb(snapshot, direction, t)
+        losses[t] = [per_sample_losses_at(engine, b) for b in train_batches]
+        weighted = losses[t] if instance_weights is None else [x * u for x, u in zip(losses[t], instance_weights)]
+        return sum(engine.all_reduce_sum(domain_loss_sums(x, b["domain"], num_domains).double())
+                   for x, b in zip(weighted, train_batches))
+
+    try:
+        directional = hg.central_difference(sums_at, epsilon, global_count)
+    finally:
+        engine.restore(snapshot)
+    per_record = [(plus.double() - minus.double()) / (2.0 * epsilon * global_count)
+                  for plus, minus in zip(losses[epsilon], losses[-epsilon])]
+    return directional, per_record, epsilon
+
+
+def instance_update(engine: Any, table: InstanceWeights, train_batches: list[dict[str, torch.Tensor]],
+                    per_record: list[torch.Tensor], domain_weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's (row, ∂L_meta/∂a_row) pairs, gathered: one all-gather sized by the global batch.
+
+    ∂L_meta/∂a_i ≈ -(∂u_i/∂a_i) c_i d_i, c_i the record's domain weight (`domain_weights`, None: 1).
+    """
+    rows = torch.cat([b["record"].cpu() for b in train_batches])
+    d = torch.cat([x.cpu() for x in per_record]).double()
+    if domain_weights is not None:
+        d = d * torch.cat([domain_weights.cpu().double()[b["domain"].cpu()] for b in train_batches])
+    local = torch.stack([rows.double(), -table.logit_gradient(rows, d)], dim=1)
+    gathered = engine.all_gather(local.to(engine.info.device)).cpu()
+    return gathered[:, 0].long(), gathered[:, 1]
+
+
 def upper_step(engine: Any, weights: DomainWeights, meta_optimizer: torch.optim.Optimizer,
                meta_batch: dict[str, torch.Tensor], train_batches: list[dict[str, torch.Tensor]], *,
                method: str, radius: float, aggregation: str, objective: str = "mse", geometry: str = "sgd",
-               meta_loss_scale: float = 1.0) -> UpperResult:
+               meta_loss_scale: float = 1.0, instance_weights: InstanceWeights | None = None,
+               update_domains: bool = True) -> UpperResult:
     """One upper step. `train_batches`: the micro-batches whose d_k are averaged (the segment's, or
     only its last). `geometry` 'adam' takes the inner products as ⟨P ∇S_k, v⟩ with P the PRM
-    optimiser's own diagonal preconditioner, the step AdamW actually takes (DARTS assumes SGD)."""
+    optimiser's own diagonal preconditioner, the step AdamW actually takes (DARTS assumes SGD).
+    `instance_weights` (--weighting instance/both; needs a finite-difference `method`): the table is
+    updated from the same two forwards; `update_domains` False leaves the domain logits alone
+    (--weighting instance)."""
     num_domains = len(weights.names)
     v, meta_loss_value = meta_gradient(engine, meta_batch, aggregation, objective, meta_loss_scale)
     if geometry == "adam":
@@ -115,32 +177,34 @@ def upper_step(engine: Any, weights: DomainWeights, meta_optimizer: torch.optim.
             v = [p * x for p, x in zip(preconditioner, v)]
     v_norm = math.sqrt(max(float(engine.global_dot(v, v)), 0.0))
     epsilon = None
+    rows = row_hypergradient = None
     if method == "exact":
+        if instance_weights is not None:
+            raise ValueError("instance weights need a finite-difference hypergradient (--hypergrad fd)")
         directional = sum(hg.exact_directional(lambda b=b: exact_domain_dots(engine, b, v, num_domains))
                           for b in train_batches) / len(train_batches)
     else:
-        epsilon = hg.fd_epsilon(radius, v_norm) if math.isfinite(v_norm) and v_norm > 0 else float("nan")
-        global_count = engine.info.world_size * sum(b["target"].numel() for b in train_batches)
-        if math.isfinite(epsilon):
-            snapshot = engine.master_params_snapshot()
-            direction = engine.full_gradients_for_edit(v)
-
-            def sums_at(t: float) -> torch.Tensor:
-                engine.perturb(snapshot, direction, t)
-                return sum(domain_sums_at(engine, b, num_domains) for b in train_batches)
-
-            try:
-                directional = hg.central_difference(sums_at, epsilon, global_count)
-            finally:
-                engine.restore(snapshot)
-        else:
-            directional = torch.full((num_domains,), float("nan"), dtype=torch.float64)
+        # Instance weights scale the lower loss per record; under 'both' the domain sums carry them.
+        current = None if instance_weights is None else [instance_weights.weights(b["record"]) for b in train_batches]
+        directional, per_record, epsilon = finite_difference(
+            engine, v, train_batches, radius, v_norm, num_domains,
+            current if instance_weights is not None and update_domains else None)
+        if instance_weights is not None:
+            with torch.no_grad():
+                domain_w = weights().detach() if update_domains else None
+            rows, row_hypergradient = instance_update(engine, instance_weights, train_batches, per_record, domain_w)
     hyper = hg.hypergradient(directional, weights.logit_gradient)
-    # Every value above came out of all-reduces, so every rank takes the same branch here.
+    # Every value above came out of all-reduces or all-gathers, so every rank takes the same branch.
     applied = bool(torch.isfinite(hyper).all()) and math.isfinite(meta_loss_value)
+    if row_hypergradient is not None:
+        applied = applied and bool(torch.isfinite(row_hypergradient).all())
+    instance_summary = None
     if applied:
-        meta_optimizer.zero_grad(set_to_none=True)
-        weights.logits.grad = hyper.to(weights.logits.dtype).clone()
-        meta_optimizer.step()
+        if update_domains:
+            meta_optimizer.zero_grad(set_to_none=True)
+            weights.logits.grad = hyper.to(weights.logits.dtype).clone()
+            meta_optimizer.step()
+        if instance_weights is not None:
+            instance_summary = instance_weights.step(rows, row_hypergradient)
     return UpperResult(meta_loss=meta_loss_value, directional=directional, hypergradient=hyper,
-                       v_norm=v_norm, epsilon=epsilon, applied=applied)
+                       v_norm=v_norm, epsilon=epsilon, applied=applied, instance=instance_summary)

@@ -15,7 +15,7 @@ from dreamprm.data.records import MetaRecord, TrainRecord, load_image
 
 
 class TrainDataset(Dataset):
-    """One item per training record: (image, text, domain index, accuracy, chain group).
+    """One item per training record: (image, text, domain index, accuracy, chain group, record index).
 
     ``groups`` (`dreamprm.data.packing.group_chain_records`) marks the records of one chain that
     nest; the packed collator scores the records of a group that share a batch in one row.
@@ -34,7 +34,7 @@ class TrainDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         r = self.records[index]
         return {"image": load_image(r.image_path, self.max_image_side), "texts": [r.text],
-                "domain": self.domains[r.domain], "target": r.accuracy,
+                "domain": self.domains[r.domain], "target": r.accuracy, "record": index,
                 "group": None if self.groups is None else self.groups[index]}
 
     def lengths(self) -> list[int]:
@@ -72,8 +72,8 @@ class PRMCollator:
     """Builds one model batch from items; every text of an item is scored with the item's image.
 
     The output has the processor's tensors plus ``score_index`` [rows], ``item_index`` [rows]
-    (which item a row belongs to: the chain, for meta batches), ``domain`` [items] and
-    ``target`` [items].
+    (which item a row belongs to: the chain, for meta batches), ``domain``, ``target`` and
+    ``record`` [items] (the training record's index in its file; -1 for other items).
     """
 
     processor: Any
@@ -96,7 +96,13 @@ class PRMCollator:
         batch["item_index"] = torch.tensor(item_index, dtype=torch.long)
         batch["domain"] = torch.tensor([item["domain"] for item in items], dtype=torch.long)
         batch["target"] = torch.tensor([item["target"] for item in items], dtype=torch.float32)
+        batch["record"] = record_indices(items)
         return batch
+
+
+def record_indices(items: list[dict[str, Any]]) -> torch.Tensor:
+    """Each item's training-record index (-1 for meta chains and candidates)."""
+    return torch.tensor([item.get("record", -1) for item in items], dtype=torch.long)
 
 
 def select_rows(batch: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -110,7 +116,7 @@ def select_rows(batch: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str,
         return select_packed_records(batch, rows)
     rows = rows.to(torch.long).cpu()
     out = {k: v[rows] for k, v in batch.items()
-           if k not in ("pixel_values", "image_grid_thw", "item_index", "domain", "target")}
+           if k not in ("pixel_values", "image_grid_thw", "item_index", "domain", "target", "record")}
     patches = batch["image_grid_thw"].prod(dim=-1)
     starts = torch.cumsum(patches, 0) - patches
     out["pixel_values"] = torch.cat([batch["pixel_values"][starts[r]:starts[r] + patches[r]] for r in rows.tolist()])
@@ -118,4 +124,6 @@ def select_rows(batch: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str,
     out["item_index"] = torch.arange(rows.numel())
     out["domain"] = batch["domain"][rows]
     out["target"] = batch["target"][rows]
+    if "record" in batch:
+        out["record"] = batch["record"][rows]
     return out

@@ -32,7 +32,7 @@ from typing import Any, Sequence
 
 import torch
 
-from dreamprm.data.datasets import PRMCollator
+from dreamprm.data.datasets import PRMCollator, record_indices
 
 PACKING_MODES = ("none", "chain")
 
@@ -205,7 +205,7 @@ class PackedPRMCollator(PRMCollator):
     Items as for `PRMCollator`: a meta chain or Best-of-N candidate (several texts, one target) is one
     row; the training records of one chain group in the batch (``group``, see `group_chain_records`)
     share one row. Everything but the model inputs is exactly `PRMCollator`'s, in its order: one
-    ``score_index`` / ``item_index`` entry per text, ``domain`` and ``target`` per item. Added:
+    ``score_index`` / ``item_index`` entry per text, ``domain``, ``target`` and ``record`` per item. Added:
     ``score_row`` [scores] (the row a score is read from), ``position_ids`` [rows, 3, length] and
     ``packed_visible`` / ``packed_branch_start`` [rows, length]. Each row's image is processed once.
     """
@@ -249,6 +249,7 @@ class PackedPRMCollator(PRMCollator):
         batch["item_index"] = torch.tensor([i for i, item in enumerate(items) for _ in item["texts"]], dtype=torch.long)
         batch["domain"] = torch.tensor([item["domain"] for item in items], dtype=torch.long)
         batch["target"] = torch.tensor([item["target"] for item in items], dtype=torch.float32)
+        batch["record"] = record_indices(items)
         return batch
 
     @staticmethod
@@ -297,6 +298,8 @@ def select_packed_records(batch: dict[str, torch.Tensor], records: torch.Tensor)
     out["item_index"] = torch.arange(records.numel(), device=device)
     out["domain"] = batch["domain"][records.to(batch["domain"].device)]
     out["target"] = batch["target"][records.to(batch["target"].device)]
+    if "record" in batch:
+        out["record"] = batch["record"][records.to(batch["record"].device)]
     return out
 
 

@@ -1,0 +1,97 @@
+"""Instance weights at scale: memory per rank, and an upper step's update against the table's size.
+
+For tables of 10^5 .. 10^7 records, on every rank of a real process group (gloo on CPU, NCCL with
+GPUs): the resident memory the table adds, the time of one update (the all-gather of the global
+batch's (row, hypergradient) pairs that `dreamprm.bilevel.upper.instance_update` sends, and
+`InstanceWeights.step`), the bytes that all-gather moves, and the O(table) work the trainer does
+only now and then (the replicated-state checksum, every --weight_check_every upper steps; the
+weights for histograms and the report, at checkpoints and at the end).
+
+    torchrun --standalone --nproc_per_node 2 benchmarks/instance_scale.py
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from dreamprm.bilevel.instance_weights import InstanceWeights  # noqa: E402
+from dreamprm.distributed.engine import DistributedEngine, init_distributed, shutdown  # noqa: E402
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def timed(fn, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="100000,1000000,10000000")
+    p.add_argument("--local_rows", type=int, default=80, help="records per rank in one upper step (batch x unroll)")
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    info = init_distributed("auto")
+    # The engine's own all-gather (it needs only the rank layout): the collective the trainer sends.
+    gather = SimpleNamespace(info=info)
+    rows_out = []
+    generator = torch.Generator().manual_seed(info.rank)
+    for size in [int(s) for s in args.sizes.split(",")]:
+        before = resident_bytes()
+        table = InstanceWeights(size, lr=0.3)
+        table.logits.fill_(0.0)  # touch every page
+        held = resident_bytes() - before
+
+        def update():
+            rows = torch.randint(0, size, (args.local_rows,), generator=generator)
+            local = torch.stack([rows.double(), torch.randn(args.local_rows, generator=generator,
+                                                             dtype=torch.float64)], dim=1)
+            pairs = DistributedEngine.all_gather(gather, local)
+            table.step(pairs[:, 0].long(), pairs[:, 1])
+
+        update_s = timed(update, args.repeats)
+        checksum_s = timed(lambda: table.checksum(), 3)
+        peak_before = resident_bytes()
+        report_s = timed(lambda: table.all_weights(), 3)
+        row = {"records": size, "table_mb": table.logits.numel() * table.logits.element_size() / 1e6,
+               "resident_mb_added": held / 1e6, "update_ms": update_s * 1e3,
+               "gathered_bytes": args.local_rows * info.world_size * 2 * 8, "checksum_ms": checksum_s * 1e3,
+               "weights_for_report_ms": report_s * 1e3,
+               "report_transient_mb": max(resident_bytes() - peak_before, 0) / 1e6}
+        rows_out.append(row)
+        del table
+    if info.rank == 0:
+        print(f"{info.world_size} rank(s), {args.local_rows} records per rank per upper step")
+        print(f"{'records':>10} {'table MB':>9} {'RSS +MB':>8} {'update ms':>10} {'gathered B':>11} "
+              f"{'checksum ms':>12} {'report ms':>10}")
+        for r in rows_out:
+            print(f"{r['records']:>10} {r['table_mb']:>9.1f} {r['resident_mb_added']:>8.1f} {r['update_ms']:>10.3f} "
+                  f"{r['gathered_bytes']:>11} {r['checksum_ms']:>12.1f} {r['weights_for_report_ms']:>10.1f}")
+        if args.out:
+            Path(args.out).write_text(json.dumps({"world_size": info.world_size, "rows": rows_out}, indent=2))
+    if dist.is_initialized():
+        dist.barrier()
+    shutdown()
+    return rows_out
+
+
+if __name__ == "__main__":
+    main()
