@@ -1,0 +1,135 @@
+"""Instance weights: every record's directional derivative against an fp64 reference, and the cost.
+
+The trainer's `--weighting instance` takes d_i = <∇ℓ_i, v>/N for every record of the segment from
+the same two forwards at θ ± εv that give the domain sums (`dreamprm.bilevel.upper.finite_difference`).
+This script runs that function on the real ZeRO-3 engine (any number of ranks) on fixed global
+batches, gathers every rank's d_i, and with ``--reference`` compares them with d_i computed in
+float64 without DeepSpeed (benchmarks/fp64_reference.py: one gradient per record by plain autograd,
+no code shared with the estimator). It also times a lower step (forward, backward, optimiser step)
+on the same batch, the meta-gradient, and the instance part of the upper step (the two forwards,
+the all-gather of (row, hypergradient) pairs and the table update).
+
+    torchrun --standalone --nproc_per_node 2 benchmarks/instance_fidelity.py --reference --out /tmp/inst.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from benchmarks.hypergrad_fidelity import cosine, fixed_batches, rel_error  # noqa: E402
+from dreamprm.bilevel.instance_weights import InstanceWeights  # noqa: E402
+from dreamprm.bilevel.upper import finite_difference, instance_update, meta_gradient, model_inputs  # noqa: E402
+from dreamprm.config import DEMO_DIR, REPO_ROOT, TrainConfig, load_ds_config, resolve_ds_config  # noqa: E402
+from dreamprm.losses import per_sample_mse  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--reward_model", default="tiny")
+    p.add_argument("--head", default="logits", choices=("logits", "hidden"))
+    p.add_argument("--train_json_file", default=str(DEMO_DIR / "train.json"))
+    p.add_argument("--meta_json_file", default=str(DEMO_DIR / "meta.json"))
+    p.add_argument("--deepspeed", default=str(REPO_ROOT / "ds_configs" / "zero3.json"))
+    p.add_argument("--global_batch", type=int, default=16)
+    p.add_argument("--meta_global", type=int, default=8)
+    p.add_argument("--radius", type=float, default=1e-2)
+    p.add_argument("--meta_loss", default="pairwise", choices=("mse", "pairwise"))
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats (the best is reported)")
+    p.add_argument("--reference", action="store_true", help="also compute the fp64 reference (rank 0)")
+    p.add_argument("--out", default=None, help="JSON results (rank 0)")
+    args = p.parse_args(argv)
+
+    from dreamprm.distributed.engine import DistributedEngine, init_distributed, partitioned_construction, shutdown
+    from dreamprm.model.loading import build_prm
+    from dreamprm.model.processor import load_processor
+    from dreamprm.trainer import resolve_reward_model
+
+    info = init_distributed("auto")
+    model_dir = resolve_reward_model(args.reward_model, info.rank)
+    world = info.world_size
+    config = TrainConfig()
+    config.optim.batch_size = args.global_batch // world
+    config.optim.precision = "fp32"
+    ds = resolve_ds_config(load_ds_config(args.deepspeed), config, world_size=world, on_gpu=info.device.type == "cuda")
+    with partitioned_construction(ds):
+        model = build_prm(model_dir, args.head, seed=args.seed, dtype=torch.float32)
+    engine = DistributedEngine(model, ds, info)
+    processor = load_processor(model_dir)
+    domains, train, meta, full_train, full_meta = fixed_batches(
+        args.train_json_file, args.meta_json_file, processor, args.global_batch, args.meta_global, info.rank, world)
+    k = len(domains)
+    train, meta = engine.to_device(train), engine.to_device(meta)
+    table = InstanceWeights(args.global_batch, lr=0.3)
+
+    def timed(fn):
+        best, value = math.inf, None
+        for _ in range(args.repeats):
+            if info.device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            value = fn()
+            if info.device.type == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t0)
+        return value, best
+
+    (v, _), t_meta = timed(lambda: meta_gradient(engine, meta, "mean_logit", args.meta_loss))
+    v_norm = math.sqrt(float(engine.global_dot(v, v)))
+    (directional, per_record, epsilon), t_fd = timed(
+        lambda: finite_difference(engine, v, [train], args.radius, v_norm, k))
+    (rows, row_hyper), t_gather = timed(lambda: instance_update(engine, table, [train], per_record, None))
+    _, t_table = timed(lambda: table.step(rows, row_hyper))
+    # Every rank's (record, d_i): the same all-gather the trainer uses for the table update.
+    local = torch.stack([train["record"].cpu().double(), per_record[0].cpu()], dim=1)
+    gathered = engine.all_gather(local.to(engine.info.device)).cpu()
+    d_fd = torch.zeros(args.global_batch, dtype=torch.float64)
+    d_fd[gathered[:, 0].long()] = gathered[:, 1]
+
+    def lower_step():
+        loss = per_sample_mse(engine.forward(model_inputs(train)), train["target"]).mean()
+        engine.backward(loss)
+        engine.step()
+    _, t_lower = timed(lower_step)
+
+    summary = {"world_size": world, "global_batch": args.global_batch, "meta_global": args.meta_global,
+               "epsilon": epsilon, "v_norm": v_norm, "per_record_fd": d_fd.tolist(),
+               "seconds": {"lower_step": t_lower, "meta_gradient": t_meta, "finite_difference": t_fd,
+                           "gather_pairs": t_gather, "table_update": t_table},
+               "device": torch.cuda.get_device_name() if info.device.type == "cuda" else "cpu"}
+    summary["instance_part_over_lower_step"] = (t_fd + t_gather + t_table) / t_lower
+    if args.reference and info.rank == 0:
+        from benchmarks.fp64_reference import Float64Reference
+        ref = Float64Reference(model_dir, args.head, args.seed)
+        per_row = dict(full_train, domain=torch.arange(args.global_batch))  # one "domain" per record
+        grads = ref.domain_gradients([per_row], args.global_batch)
+        d_ref = ref.directional(grads, ref.meta_gradient([full_meta], "mean_logit", args.meta_loss))
+        summary["per_record_reference"] = d_ref.tolist()
+        summary["cosine_vs_reference"] = cosine(d_fd, d_ref)
+        summary["rel_error_vs_reference"] = rel_error(d_fd, d_ref)
+        summary["sign_agreement"] = float((torch.sign(d_fd) == torch.sign(d_ref)).double().mean())
+    if info.rank == 0:
+        if args.out:
+            Path(args.out).write_text(json.dumps(summary, indent=2))
+        s = summary["seconds"]
+        print(f"records {args.global_batch} on {world} rank(s): lower step {s['lower_step']:.3f} s; upper: meta "
+              f"gradient {s['meta_gradient']:.3f} s, two forwards {s['finite_difference']:.3f} s, gather "
+              f"{s['gather_pairs'] * 1e3:.2f} ms, table {s['table_update'] * 1e3:.2f} ms "
+              f"(instance part {summary['instance_part_over_lower_step']:.2f}x a lower step)")
+        if "cosine_vs_reference" in summary:
+            print(f"per-record d_i vs fp64: cosine {summary['cosine_vs_reference']:.6f}, rel. error "
+                  f"{summary['rel_error_vs_reference']:.2e}, signs agree {summary['sign_agreement']:.0%}")
+    shutdown()
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""Instance weights (`--weighting instance|both`): the table, its update, and the trainer around it."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import REPO, base_env, exported_tensors, launch_command, read_json, run_train, small_run_args
+from dreamprm.bilevel.instance_weights import InstanceWeights
+from dreamprm.config import parse_args
+from dreamprm.losses import weighted_training_loss
+
+
+def test_weights_have_mean_one_over_the_table_after_sparse_updates():
+    table = InstanceWeights(1000, lr=0.5)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        rows = torch.randint(0, 1000, (32,), generator=generator)
+        table.step(rows, torch.randn(32, generator=generator, dtype=torch.float64))
+    # The running normaliser (updated with the changed rows only) equals the sum over the whole table.
+    exact = float(F.softplus(table.logits.double()).sum())
+    assert table.softplus_sum == pytest.approx(exact, rel=1e-12)
+    assert float(table.all_weights().double().mean()) == pytest.approx(1.0, abs=1e-6)
+    assert table.logits.std() > 0.1  # the updates moved rows
+
+
+def test_an_update_moves_only_its_rows_and_repeated_rows_add_up():
+    table = InstanceWeights(10, lr=1.0)
+    table.step(torch.tensor([2, 7, 2]), torch.tensor([1.0, -1.0, 1.0], dtype=torch.float64))
+    moved = torch.nonzero(table.logits).flatten().tolist()
+    assert moved == [2, 7]
+    # Row 2's hypergradients add up to 2, row 7's is -1; steps are lr * g / rms(g) over the two rows.
+    rms = math.sqrt((2.0 ** 2 + 1.0) / 2)
+    assert float(table.logits[2]) == pytest.approx(-2.0 / rms, rel=1e-6)
+    assert float(table.logits[7]) == pytest.approx(1.0 / rms, rel=1e-6)
+
+
+def test_logit_gradient_is_the_derivative_of_the_weight_with_the_normaliser_held():
+    table = InstanceWeights(5, lr=1.0)
+    table.step(torch.arange(5), torch.tensor([0.3, -1.2, 0.8, 0.1, -0.4], dtype=torch.float64))
+    rows = torch.tensor([1, 3])
+    a = table.logits[rows].double().requires_grad_(True)
+    upstream = torch.tensor([0.7, -2.0], dtype=torch.float64)
+    (grad,) = torch.autograd.grad(F.softplus(a) / table.mean_softplus, a, grad_outputs=upstream)
+    torch.testing.assert_close(table.logit_gradient(rows, upstream), grad)
+
+
+def test_instance_weights_scale_each_sample_of_the_lower_loss():
+    per_sample = torch.tensor([0.5, 0.2, 0.9, 0.4])
+    domain = torch.tensor([0, 0, 1, 1])
+    domain_weights = torch.tensor([1.5, 0.5])
+    instance = torch.tensor([1.0, 0.0, 2.0, 1.0])
+    loss = weighted_training_loss(per_sample, domain, domain_weights, instance)
+    assert float(loss) == pytest.approx((1.5 * 0.5 + 0.0 + 0.5 * 2.0 * 0.9 + 0.5 * 0.4) / 4)
+
+
+def test_a_table_of_ten_million_records_fits_in_40_mb():
+    table = InstanceWeights(10_000_000, lr=0.3)
+    assert table.logits.element_size() * table.logits.numel() == 40_000_000
+    assert set(table.state_dict()) == {"logits", "softplus_sum", "updates"}
+
+
+def test_instance_weights_refuse_the_exact_estimator(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--weighting", "instance"])
+    assert "--weighting instance needs every record's directional derivative: --hypergrad fd" in capsys.readouterr().err
+    assert parse_args(["--weighting", "instance", "--hypergrad", "fd"]).bilevel.weighting == "instance"
+    assert parse_args(["--weighting", "both", "--baseline"]).bilevel.weighting == "both"  # no upper level
+
+
+def test_per_record_derivatives_match_the_fp64_reference_on_two_ranks(tiny_model, tmp_path):
+    out = tmp_path / "instance.json"
+    cmd = launch_command(REPO / "benchmarks" / "instance_fidelity.py",
+                         ["--reward_model", str(tiny_model), "--reference", "--repeats", "1", "--out", str(out)], 2)
+    proc = subprocess.run(cmd, cwd=REPO, env=base_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = read_json(out)
+    assert result["world_size"] == 2 and len(result["per_record_fd"]) == 16
+    assert max(abs(x) for x in result["per_record_reference"]) > 0
+    assert result["cosine_vs_reference"] >= 0.999, result
+    assert result["rel_error_vs_reference"] < 0.01, result
+
+
+def _instance_run(tiny_model, out, *extra):
+    return small_run_args(tiny_model, out, "--weighting", "instance", "--hypergrad", "fd", "--batch_size", "4",
+                          "--meta_batch_size", "2", "--unroll_steps", "2", "--weight_check_every", "1", *extra)
+
+
+def test_two_ranks_train_report_and_resume_instance_weights_exactly(tiny_model, tmp_path):
+    straight = tmp_path / "straight"
+    run_train(_instance_run(tiny_model, straight, "--iteration_num", "8", "--save_every_iterations", "4"), nproc=2)
+    resumed = tmp_path / "resumed"
+    run_train(_instance_run(tiny_model, resumed, "--iteration_num", "4", "--save_every_iterations", "4",
+                            "--no-export"), nproc=2)
+    run_train(_instance_run(tiny_model, resumed, "--iteration_num", "8", "--save_every_iterations", "4",
+                            "--resume", "auto"), nproc=2)
+
+    records = json.loads((REPO / "data" / "demo" / "train.json").read_text())
+    lines = [json.loads(x) for x in (straight / "instance_weights.jsonl").read_text().splitlines()]
+    assert len(lines) == len(records)
+    assert sorted(x["record"] for x in lines) == list(range(len(records)))
+    weights = [x["weight"] for x in lines]
+    assert weights == sorted(weights)  # lowest first
+    assert min(weights) < 1.0 < max(weights)  # 4 upper steps x 16 records moved some rows each way
+    for x in lines[:5]:
+        r = records[x["record"]]
+        assert (x["id"], x["sid"], x["domain"]) == (r["id"], r["sid"], r["dataset"])
+        assert x["file"].endswith("train.json")
+    # Resumed mid-run (after the 2nd upper step): the same table and the same PRM, bit for bit.
+    assert (resumed / "instance_weights.jsonl").read_text() == (straight / "instance_weights.jsonl").read_text()
+    a, b = exported_tensors(straight / "export"), exported_tensors(resumed / "export")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    state = torch.load(straight / "checkpoints" / "step_00000008" / "trainer_state.pt", weights_only=True)
+    assert state["instance_weights"]["logits"].numel() == len(records)
+    # TensorBoard: one histogram of the weights per domain.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(straight / "tb"), size_guidance={"histograms": 0})
+    events.Reload()
+    domains = {r["dataset"] for r in records}
+    assert {f"instance_weight/{d}" for d in domains} <= set(events.Tags()["histograms"])
+    # Domain weights stay uniform under --weighting instance.
+    assert set(read_json(straight / "domain_weights.json")["weights"].values()) == {1.0}
