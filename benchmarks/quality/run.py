@@ -328,17 +328,17 @@ def instance_table(args, task_name: str, manifest: dict, runs: dict) -> list[str
     arms = [a for a in args.arms if a in INSTANCE_ARMS]
     if not arms or not manifest.get("corrupted_records"):
         return []
+    # Within a domain: only where it holds clean and corrupted records (not in one corrupted as a whole).
+    mixed = [d for d in manifest["domains"] if d in runs[f"{arms[0]}-{task_name}-s{args.seeds[0]}"]["instance"]["auc_by_domain"]]
     lines = [f"Instance weights as a detector of the {manifest['corrupted_records']} records whose label the corruption "
              "changed: AUC (P(clean record weighted above a corrupted one); 0.5 chance), over the task and within "
-             "each domain that holds corrupted records:", "",
-             "| arm | over the task, mean ± std | per seed | " + " | ".join(
-                 f"within {d}" for d, v in manifest["domains"].items() if v["labels_changed"]) + " |",
-             "|---|---:|---:|" + "---:|" * sum(1 for v in manifest["domains"].values() if v["labels_changed"])]
+             "each domain that holds both clean and corrupted records:", "",
+             "| arm | over the task, mean ± std | per seed | " + " | ".join(f"within {d}" for d in mixed) + " |",
+             "|---|---:|---:|" + "---:|" * len(mixed)]
     for arm in arms:
         entries = [runs[f"{arm}-{task_name}-s{s}"]["instance"] for s in args.seeds]
         cells = [fmt([e["auc"] for e in entries]), " ".join(f"{e['auc']:.2f}" for e in entries)]
-        cells += [fmt([e["auc_by_domain"][d] for e in entries]) for d, v in manifest["domains"].items()
-                  if v["labels_changed"]]
+        cells += [fmt([e["auc_by_domain"][d] for e in entries]) for d in mixed]
         lines.append(f"| {ARM_LABELS[arm]} | " + " | ".join(cells) + " |")
     return lines + [""]
 
