@@ -24,11 +24,12 @@ import torch  # noqa: E402
 
 from benchmarks.hypergrad_fidelity import cosine  # noqa: E402
 from dreamprm.bilevel.domain_weights import DomainWeights  # noqa: E402
-from dreamprm.bilevel.upper import model_inputs  # noqa: E402
+from dreamprm.model.prm import model_inputs  # noqa: E402
 from dreamprm.config import DEMO_DIR  # noqa: E402
 from dreamprm.data.datasets import MetaDataset, PRMCollator, TrainDataset  # noqa: E402
 from dreamprm.data.records import domain_index, load_meta_records, load_train_records  # noqa: E402
-from dreamprm.losses import domain_loss_sums, meta_loss, per_sample_mse  # noqa: E402
+from dreamprm.bilevel.aggregation import meta_loss  # noqa: E402
+from dreamprm.losses import domain_loss_sums, per_sample_mse  # noqa: E402
 from dreamprm.model.loading import build_prm  # noqa: E402
 from dreamprm.model.processor import load_processor  # noqa: E402
 

@@ -43,6 +43,9 @@ class DataConfig:
     image_root: str | None = _f(None, "folder image paths are relative to (default: each JSON file's folder)")
     max_image_side: int = _f(512, "longest image side in pixels; larger images are downscaled")
     num_workers: int = _f(0, "data-loader worker processes per rank")
+    skip_invalid_records: bool = _f(False, "train on the valid records of files that also hold invalid ones: counts "
+                                    "per reason are printed and every record left out is written with its reasons "
+                                    "to skipped_records.jsonl in the output folder (default: refuse the files)")
     packing: str = _f("chain", "'chain': the step prefixes of a chain in one sequence, scored exactly as one by one "
                       "(meta chains, Best-of-N, and the training records of one chain that share a batch: "
                       "data/README.md); 'none': one sequence per prefix, as the original", choices=("none", "chain"))
@@ -126,8 +129,6 @@ class RunConfig:
     max_bad_steps: int = _f(5, "stop after this many consecutive non-finite losses or hypergradients")
     export: bool = _f(True, "export the trained PRM in Hugging Face form at the end")
     dist_timeout: int = _f(600, "seconds a collective may wait for a missing rank before the job fails")
-    inject_nonfinite: str | None = _f(None, "fault injection for tests: make rank 0's loss non-finite at these "
-                                      "optimiser steps, e.g. 'lower:5,6;upper:2' (upper: the n-th upper step)")
 
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "bilevel": BilevelConfig, "run": RunConfig}

@@ -13,6 +13,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from dreamprm.losses import chain_meta_loss
+
 
 def _segment_sum(values: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
     return torch.zeros(n, dtype=values.dtype, device=values.device).index_add(0, index, values)
@@ -84,3 +86,10 @@ def aggregate_logits(name: str, logits: torch.Tensor, chain_index: torch.Tensor,
 def aggregate(name: str, logits: torch.Tensor, chain_index: torch.Tensor, num_chains: int) -> torch.Tensor:
     """Chain probabilities [num_chains] from step logits [rows]."""
     return torch.sigmoid(aggregate_logits(name, logits, chain_index, num_chains))
+
+
+def meta_loss(step_logits: torch.Tensor, chain_index: torch.Tensor, labels: torch.Tensor,
+              aggregation: str = "mean_logit", objective: str = "mse") -> torch.Tensor:
+    """The upper-level objective of one batch of chains, from their step logits."""
+    chain_logits = aggregate_logits(aggregation, step_logits.float(), chain_index, labels.numel())
+    return chain_meta_loss(chain_logits, labels, objective)

@@ -22,13 +22,7 @@ from dreamprm.bilevel.instance_weights import InstanceWeights
 from dreamprm.data.datasets import select_rows
 from dreamprm.bilevel.aggregation import aggregate_logits
 from dreamprm.losses import chain_meta_loss, domain_loss_sums, per_sample_mse
-from dreamprm.model.prm import MODEL_INPUTS, PACKED_INPUTS
-
-MODEL_KEYS = MODEL_INPUTS + PACKED_INPUTS + ("score_index",)
-
-
-def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in batch.items() if k in MODEL_KEYS}
+from dreamprm.model.prm import model_inputs
 
 
 @dataclass
@@ -42,15 +36,14 @@ class UpperResult:
     instance: dict[str, float] | None = None  # --weighting instance/both: the table update's summary
 
 
-def meta_gradient(engine: Any, meta_batch: dict[str, torch.Tensor], aggregation: str, objective: str = "mse",
-                  loss_scale: float = 1.0) -> tuple[list[torch.Tensor], float]:
+def meta_gradient(engine: Any, meta_batch: dict[str, torch.Tensor], aggregation: str, objective: str = "mse"
+                  ) -> tuple[list[torch.Tensor], float]:
     """v = ∂L_meta/∂θ (this rank's owned elements) and the global meta loss.
 
     The objective is taken over the chains of every rank (a ranking loss pairs chains across
     ranks): the chain logits are all-gathered detached, the loss and its gradient g = ∂L/∂z are
     computed identically on every rank, and each rank back-propagates ⟨g_local, z_local⟩ through
     its own chains. Scaled by the world size, DeepSpeed's gradient averaging then gives ∂L/∂θ.
-    `loss_scale` exists for fault-injection tests (a NaN on one rank must skip the update everywhere).
     """
     logits = engine.forward(model_inputs(meta_batch))
     labels = meta_batch["target"].float()
@@ -58,7 +51,7 @@ def meta_gradient(engine: Any, meta_batch: dict[str, torch.Tensor], aggregation:
     gathered = engine.all_gather(torch.stack([chain_logits.detach(), labels], dim=1).double())
     all_logits = gathered[:, 0].clone().requires_grad_(True)
     with torch.enable_grad():
-        loss = chain_meta_loss(all_logits, gathered[:, 1], objective) * loss_scale
+        loss = chain_meta_loss(all_logits, gathered[:, 1], objective)
         (dloss_dlogits,) = torch.autograd.grad(loss, all_logits)
     n, rank = labels.numel(), engine.info.rank
     local = dloss_dlogits[rank * n:(rank + 1) * n].to(chain_logits.dtype)
@@ -161,7 +154,7 @@ def instance_update(engine: Any, table: InstanceWeights, train_batches: list[dic
 def upper_step(engine: Any, weights: DomainWeights, meta_optimizer: torch.optim.Optimizer,
                meta_batch: dict[str, torch.Tensor], train_batches: list[dict[str, torch.Tensor]], *,
                method: str, radius: float, aggregation: str, objective: str = "mse", geometry: str = "sgd",
-               meta_loss_scale: float = 1.0, instance_weights: InstanceWeights | None = None,
+               instance_weights: InstanceWeights | None = None,
                update_domains: bool = True) -> UpperResult:
     """One upper step. `train_batches`: the micro-batches whose d_k are averaged (the segment's, or
     only its last). `geometry` 'adam' takes the inner products as ⟨P ∇S_k, v⟩ with P the PRM
@@ -170,7 +163,7 @@ def upper_step(engine: Any, weights: DomainWeights, meta_optimizer: torch.optim.
     updated from the same two forwards; `update_domains` False leaves the domain logits alone
     (--weighting instance)."""
     num_domains = len(weights.names)
-    v, meta_loss_value = meta_gradient(engine, meta_batch, aggregation, objective, meta_loss_scale)
+    v, meta_loss_value = meta_gradient(engine, meta_batch, aggregation, objective)
     if geometry == "adam":
         preconditioner = engine.adam_preconditioner()
         if preconditioner is not None:  # None before the PRM's first step: P = I there
