@@ -8,12 +8,15 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from dreamprm.config import (DEMO_DIR, TINY_MODEL, ConfigError, TrainConfig, build_parser, load_ds_config,
+from dreamprm.bestofn.config import BestOfNConfig
+from dreamprm.bestofn.config import build_parser as build_bestofn_parser
+from dreamprm.config import (DEMO_DIR, SECTIONS, TINY_MODEL, ConfigError, TrainConfig, build_parser, load_ds_config,
                              parse_args, resolve_ds_config)
 from dreamprm.flags import add_flags, flag, flag_type, values_of
 
@@ -139,6 +142,17 @@ def test_optional_flags_parse_as_their_type_not_as_str():
     assert [flag_type(t) for t in (int | None, float | None, str | None, bool, int)] == [int, float, str, bool, int]
     with pytest.raises(TypeError):
         flag_type(int | str)
+
+
+def test_every_train_and_bestofn_flag_has_its_fields_type():
+    """One builder serves both entry points; each flag parses as its field's annotation says."""
+    for parser, classes in ((build_parser(), SECTIONS.values()), (build_bestofn_parser(), [BestOfNConfig])):
+        by_dest = {a.dest: a for a in parser._actions}
+        for cls in classes:
+            for name, annotation in typing.get_type_hints(cls).items():
+                kind = flag_type(annotation)
+                action = by_dest[name]
+                assert (isinstance(action, argparse.BooleanOptionalAction) if kind is bool else action.type is kind), name
 
 
 @pytest.mark.parametrize("argv,fragment", [

@@ -13,6 +13,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from dreamprm.config import AGGREGATIONS as NAMES
+
 
 def _segment_sum(values: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
     return torch.zeros(n, dtype=values.dtype, device=values.device).index_add(0, index, values)
@@ -69,9 +71,10 @@ def last(logits: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
     return logits[last_row]
 
 
-AGGREGATIONS: dict[str, Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]] = {
-    "mean_logit": mean_logit, "mean": mean, "min": minimum, "max": maximum, "product": product, "last": last,
-}
+# The names are `dreamprm.config.AGGREGATIONS` (--aggregation's choices, without torch), in this order;
+# tests/test_bestofn.py checks each name's function against a hand computation.
+AGGREGATIONS: dict[str, Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]] = dict(
+    zip(NAMES, (mean_logit, mean, minimum, maximum, product, last), strict=True))
 
 
 def aggregate_logits(name: str, logits: torch.Tensor, chain_index: torch.Tensor, num_chains: int) -> torch.Tensor:
