@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from dreamprm.config import AGGREGATIONS as NAMES
 from dreamprm.losses import chain_meta_loss
 
 
@@ -71,9 +72,10 @@ def last(logits: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
     return logits[last_row]
 
 
-AGGREGATIONS: dict[str, Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]] = {
-    "mean_logit": mean_logit, "mean": mean, "min": minimum, "max": maximum, "product": product, "last": last,
-}
+# The names are `dreamprm.config.AGGREGATIONS` (--aggregation's choices, without torch), in this order;
+# tests/test_bestofn.py checks each name's function against a hand computation.
+AGGREGATIONS: dict[str, Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]] = dict(
+    zip(NAMES, (mean_logit, mean, minimum, maximum, product, last), strict=True))
 
 
 def aggregate_logits(name: str, logits: torch.Tensor, chain_index: torch.Tensor, num_chains: int) -> torch.Tensor:
