@@ -3,8 +3,9 @@
 Runs the real ZeRO-3 engine (any number of ranks) on fixed global batches taken from the record
 files, computes the per-domain directional derivatives d_k = ⟨∂(S_k/N)/∂θ, ∂L_meta/∂θ⟩ with each
 estimator, and writes them with timings to JSON (rank 0). With ``--reference`` it also computes
-the same quantity in fp64 without DeepSpeed (plain autograd through `torch.func`) and reports
-cosine and relative error of each estimator against it.
+the same quantity in float64 without DeepSpeed (benchmarks/fp64_reference.py: plain autograd,
+float64 end to end, no loss or Jacobian code shared with the estimators) and reports cosine and
+relative error of each estimator against it.
 
     # CPU, tiny model, 2 ranks
     torchrun --standalone --nproc_per_node 2 benchmarks/hypergrad_fidelity.py --precision fp32 --reference
@@ -25,6 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from benchmarks import fp64_reference  # noqa: E402
+from benchmarks.fp64_reference import Float64Reference  # noqa: E402
 from dreamprm.bilevel import hypergradient as hg  # noqa: E402
 from dreamprm.bilevel.domain_weights import DomainWeights  # noqa: E402
 from dreamprm.bilevel.upper import domain_sums_at, exact_domain_dots, meta_gradient  # noqa: E402
@@ -56,56 +59,14 @@ def fixed_batches(train_file: str, meta_file: str, processor, global_batch: int,
     return domains, local_train, local_meta, full_train, full_meta
 
 
-def reference_chain_logits(step_logits: torch.Tensor, chain_index: torch.Tensor, aggregation: str) -> torch.Tensor:
-    """Chain logits written out chain by chain, sharing no code with dreamprm.bilevel.aggregation."""
-    chains = []
-    for c in range(int(chain_index.max()) + 1):
-        z = step_logits[chain_index == c]
-        s = 1.0 / (1.0 + torch.exp(-z))
-        p = {"mean_logit": None, "mean": s.mean(), "min": s.min(), "max": s.max(), "product": s.prod(),
-             "last": s[-1]}[aggregation]
-        chains.append(z.mean() if p is None else torch.log(p) - torch.log(1.0 - p))
-    return torch.stack(chains)
-
-
-def reference_meta_loss(chain_logits: torch.Tensor, labels: torch.Tensor, objective: str) -> torch.Tensor:
-    """The meta objectives written out pair by pair, sharing no code with dreamprm.losses."""
-    if objective == "mse":
-        return ((1.0 / (1.0 + torch.exp(-chain_logits)) - labels) ** 2).mean()
-    terms = [torch.log1p(torch.exp(-(chain_logits[i] - chain_logits[j])))
-             for i in range(len(labels)) for j in range(len(labels)) if labels[i] > 0.5 and labels[j] <= 0.5]
-    return torch.stack(terms).mean() if terms else chain_logits.sum() * 0.0
-
-
-def reference_directional(model_dir: str, head: str, seed: int, full_train, full_meta, num_domains: int,
-                          aggregation: str = "mean_logit", objective: str = "mse", dtype=torch.float64) -> torch.Tensor:
-    """d_k in `dtype` without DeepSpeed: ⟨∇(S_k/N), ∇L_meta⟩ by autograd (torch.func.grad), with the
-    losses written here from their definitions (no code shared with what is checked)."""
-    from torch.func import functional_call, grad
-
-    from dreamprm.model.loading import build_prm
-    model = build_prm(model_dir, head, seed=seed, dtype=dtype).eval()
-    params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
-    train = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in full_train.items()}
-    meta = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in full_meta.items()}
-    n = train["target"].numel()
-
-    def meta_objective(p):
-        logits = functional_call(model, p, (), model_inputs(meta)).to(dtype)
-        return reference_meta_loss(reference_chain_logits(logits, meta["item_index"], aggregation), meta["target"],
-                                   objective)
-
-    def domain_objective(p, k):
-        logits = functional_call(model, p, (), model_inputs(train)).to(dtype)
-        squared = (1.0 / (1.0 + torch.exp(-logits)) - train["target"]) ** 2
-        return squared[train["domain"] == k].sum() / n
-
-    v = grad(meta_objective)(params)
-    out = []
-    for k in range(num_domains):
-        g = grad(domain_objective)(params, k)
-        out.append(sum((g[name].double() * v[name].double()).sum() for name in params))
-    return torch.stack(out)
+def reference_values(model_dir: str, head: str, seed: int, full_train, full_meta, num_domains: int,
+                     combos: list[tuple[str, str]]) -> dict[tuple[str, str], torch.Tensor]:
+    """d_k in float64 without DeepSpeed (benchmarks/fp64_reference.py) for each (objective, aggregation):
+    the K domain gradients once, one meta-gradient per combination."""
+    ref = Float64Reference(model_dir, head, seed)
+    domain_grads = ref.domain_gradients([full_train], num_domains)
+    return {(objective, aggregation): ref.directional(domain_grads, ref.meta_gradient([full_meta], aggregation, objective))
+            for objective, aggregation in combos}
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -116,8 +77,9 @@ def rel_error(a: torch.Tensor, ref: torch.Tensor) -> float:
     return float((a.double() - ref.double()).norm() / ref.double().norm())
 
 
-def objective_grid(engine, info, args, model_dir, train, meta, full_train, full_meta, k, radius, weights) -> dict:
-    """Cosine of exact and fd against the fp64 reference for every meta objective x aggregation."""
+def objective_grid(engine, info, args, model_dir, train, meta, full_train, full_meta, k, radius) -> dict:
+    """exact and fd d_k for every meta objective x aggregation; with --reference, their cosine against
+    the fp64 reference (rank 0)."""
     from dreamprm.config import AGGREGATIONS, META_LOSSES
     grid = {}
     snapshot = engine.master_params_snapshot()
@@ -135,16 +97,21 @@ def objective_grid(engine, info, args, model_dir, train, meta, full_train, full_
                 fd = hg.central_difference(sums_at, hg.fd_epsilon(radius, v_norm), args.global_batch)
             finally:
                 engine.restore(snapshot)
-            entry = {"exact": exact.tolist(), "fd": fd.tolist()}
-            if info.rank == 0:
-                ref = hg.hypergradient(reference_directional(model_dir, args.head, args.seed, full_train, full_meta,
-                                                             k, aggregation, objective), weights.logit_gradient)
-                for name, d in (("exact", exact), ("fd", fd)):
-                    entry[f"{name}_cosine"] = cosine(hg.hypergradient(d, weights.logit_gradient), ref)
-                    entry[f"{name}_rel_error"] = rel_error(hg.hypergradient(d, weights.logit_gradient), ref)
-                print(f"grid {objective:>9} {aggregation:>10}: cosine exact {entry['exact_cosine']:.6f} "
-                      f"fd {entry['fd_cosine']:.6f}", flush=True)
-            grid[f"{objective}/{aggregation}"] = entry
+            grid[f"{objective}/{aggregation}"] = {"exact": exact.tolist(), "fd": fd.tolist()}
+    if args.reference and info.rank == 0:
+        combos = [tuple(name.split("/")) for name in grid]
+        refs = reference_values(model_dir, args.head, args.seed, full_train, full_meta, k, combos)
+        logits = torch.zeros(k, dtype=torch.float64)
+        for (objective, aggregation), ref in refs.items():
+            entry = grid[f"{objective}/{aggregation}"]
+            ref_hyper = fp64_reference.hypergradient(ref, logits)
+            entry["reference"] = ref.tolist()
+            for name in ("exact", "fd"):
+                hyper = fp64_reference.hypergradient(torch.tensor(entry[name], dtype=torch.float64), logits)
+                entry[f"{name}_cosine"] = cosine(hyper, ref_hyper)
+                entry[f"{name}_rel_error"] = rel_error(torch.tensor(entry[name]), ref)
+            print(f"grid {objective:>9} {aggregation:>10}: cosine exact {entry['exact_cosine']:.6f} "
+                  f"fd {entry['fd_cosine']:.6f}", flush=True)
     return grid
 
 
@@ -165,8 +132,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--repeats", type=int, default=1, help="timed repeats of each estimator")
     p.add_argument("--reference", action="store_true", help="also compute the fp64 reference (rank 0)")
-    p.add_argument("--grid", action="store_true", help="also check exact and fd (smallest radius) against the "
-                   "reference for every meta objective x aggregation (implies --reference)")
+    p.add_argument("--grid", action="store_true", help="also run exact and fd (smallest radius) for every meta "
+                   "objective x aggregation (with --reference: each against its fp64 reference)")
     p.add_argument("--out", default=None, help="JSON results (rank 0)")
     args = p.parse_args(argv)
 
@@ -236,9 +203,9 @@ def main(argv: list[str] | None = None) -> None:
                "device": torch.cuda.get_device_name() if info.device.type == "cuda" else "cpu"}
     if args.reference and info.rank == 0:
         t0 = time.perf_counter()
-        ref = reference_directional(model_dir, args.head, args.seed, full_train, full_meta, k, args.aggregation,
-                                    args.meta_loss)
-        ref_hyper = hg.hypergradient(ref, weights.logit_gradient)
+        ref = reference_values(model_dir, args.head, args.seed, full_train, full_meta, k,
+                               [(args.meta_loss, args.aggregation)])[(args.meta_loss, args.aggregation)]
+        ref_hyper = fp64_reference.hypergradient(ref, weights.logits)
         summary["reference"] = {"directional": ref.tolist(), "hypergradient": ref_hyper.tolist(),
                                 "seconds": time.perf_counter() - t0}
         for entry in results.values():
@@ -247,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
             entry["rel_error_vs_reference"] = rel_error(torch.tensor(entry["directional"]), ref)
     if args.grid:
         summary["grid"] = objective_grid(engine, info, args, model_dir, train, meta, full_train, full_meta, k,
-                                         min(float(x) for x in args.radii.split(",")), weights)
+                                         min(float(x) for x in args.radii.split(",")))
     if info.rank == 0:
         if args.out:
             Path(args.out).write_text(json.dumps(summary, indent=2))

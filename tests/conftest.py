@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 DEMO = REPO / "data" / "demo"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(REPO))  # benchmarks/
 
 
 def free_port() -> int:
@@ -74,6 +75,51 @@ def tiny_model(tmp_path_factory) -> Path:
     """A tiny random Qwen2-VL directory (built once per session)."""
     from dreamprm.model.tiny import build_tiny_qwen2vl
     return build_tiny_qwen2vl(tmp_path_factory.mktemp("tiny") / "tiny-qwen2vl")
+
+
+@pytest.fixture(scope="session")
+def fidelity_reference(tiny_model) -> dict[tuple[str, str], "torch.Tensor"]:
+    """The float64 d_k of benchmarks/hypergrad_fidelity.py's fixed batches (8 training records, 4 meta
+    chains, logits head, seed 1) for every (meta objective, aggregation), computed once per session
+    by benchmarks/fp64_reference.py (the K domain gradients once, one meta-gradient per combination)."""
+    from benchmarks.hypergrad_fidelity import fixed_batches, reference_values
+    from dreamprm.config import AGGREGATIONS, META_LOSSES
+    from dreamprm.model.processor import load_processor
+    domains, _, _, full_train, full_meta = fixed_batches(str(DEMO / "train.json"), str(DEMO / "meta.json"),
+                                                         load_processor(tiny_model), 8, 4)
+    return reference_values(str(tiny_model), "logits", 1, full_train, full_meta, len(domains),
+                            [(o, a) for o in META_LOSSES for a in AGGREGATIONS])
+
+
+def processes_with_env(needle: bytes) -> list[int]:
+    """PIDs whose environment holds `needle` (e.g. b"SLURM_CONF=/path")."""
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if needle in Path(f"/proc/{entry}/environ").read_bytes().split(b"\0"):
+                found.append(int(entry))
+        except OSError:
+            pass
+    return found
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """One private Slurm (tests/slurm_cluster.py: own munged, slurmctld, two simulated nodes n1 and n2,
+    2 CPUs each) for the whole session: tests/test_slurm_cluster.py and tests/test_slurm_train.py.
+    Skipped with the reason when not root or Slurm/munge are missing. At the end it is stopped, and
+    no daemon, slurmstepd, job task or trainer carrying its SLURM_CONF may be left."""
+    from slurm_cluster import LocalSlurm, slurm_available
+    ok, why = slurm_available()
+    if not ok:
+        pytest.skip(why)
+    with LocalSlurm(tmp_path_factory.mktemp("slurm"), nodes=2, cpus_per_node=2) as cluster:
+        daemons = [proc.pid for _, proc in cluster._procs]
+        needle = b"SLURM_CONF=" + str(cluster.conf).encode()
+        yield cluster
+    left = [pid for pid in daemons + processes_with_env(needle) if Path(f"/proc/{pid}").exists()
+            and Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"]
+    assert not left, f"processes of the session's Slurm left after stop: {left}"
 
 
 def small_run_args(model: Path, out: Path, *extra: str) -> list[str]:

@@ -1,24 +1,30 @@
-"""Bi-level training on the bundled demo moves the domain weights the right way, and what the user
-sees: domain_weights.json, the bar chart, and the TensorBoard dashboard drawn in headless Chromium."""
+"""The README's first command, `bash .ci/demo.sh` (2 ranks, ZeRO-3, the bundled demo), moves the domain
+weights the right way; and what the user sees: domain_weights.json, the bar chart, and the
+TensorBoard dashboard drawn in headless Chromium."""
 from __future__ import annotations
 
 import shutil
+import subprocess
 
 import pytest
+import torch
 from PIL import Image
 
-from conftest import REPO, base_env, read_json, read_scalars, run_train
+from conftest import REPO, base_env, free_port, read_json, read_scalars
 from tensorboard_view import chromium_available, screenshot_dashboard
-
-DEMO_FLAGS = ["--batch_size", "16", "--meta_batch_size", "8", "--lr", "1e-3", "--meta_lr", "0.1",
-              "--iteration_num", "200", "--precision", "fp32", "--log_every", "20"]
 
 
 @pytest.fixture(scope="module")
 def demo_run(tiny_model, tmp_path_factory):
+    """.ci/demo.sh as the README gives it, writing to a temporary folder instead of runs/demo."""
     out = tmp_path_factory.mktemp("demo")
-    run_train(["--reward_model", str(tiny_model), "--weights_path", str(out), *DEMO_FLAGS],
-              env=base_env(OMP_NUM_THREADS="2"), timeout=900)
+    proc = subprocess.run(["bash", str(REPO / ".ci" / "demo.sh"), "--weights_path", str(out), "--reward_model",
+                           str(tiny_model), "--log_every", "20"], cwd=REPO, capture_output=True, text=True,
+                          env=base_env(MASTER_PORT=str(free_port())), timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    config = read_json(out / "config.json")
+    assert config["world_size"] == (torch.cuda.device_count() or 2)  # one rank per GPU, else 2
+    assert config["deepspeed_resolved"]["zero_optimization"]["stage"] == 3
     return out
 
 

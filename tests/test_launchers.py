@@ -84,6 +84,7 @@ class Run:
     output: str
     seconds: float
     port_seen: bool = False
+    port: int | None = None  # the MASTER_PORT watched
 
 
 def _listening(port: int) -> bool:
@@ -147,12 +148,8 @@ def check_run(run: Run) -> None:
     assert (run.out / "export" / "score_head.safetensors").is_file()
 
 
-RUNS: dict[str, Run] = {}  # successful runs of this module, for the cross-launcher comparison
-
-
-def _record(run: Run) -> Run:
+def checked(run: Run) -> Run:
     check_run(run)
-    RUNS[run.name] = run
     return run
 
 
@@ -167,30 +164,42 @@ def _mpi_missing() -> str:
     return ""
 
 
-@pytest.mark.skipif(bool(_mpi_missing()), reason=_mpi_missing() or "-")
-def test_mpirun_discovers_ranks_through_mpi4py(tiny_model, tmp_path):
-    out = tmp_path / "out"
+@pytest.fixture(scope="module")
+def mpirun_run(tiny_model, tmp_path_factory) -> Run:
+    if _mpi_missing():
+        pytest.skip(_mpi_missing())
+    out = tmp_path_factory.mktemp("mpirun") / "out"
     port = free_port()
     # mpirun sets only OMPI_COMM_WORLD_*; base_env() removes RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*.
     env = base_env(MASTER_PORT=str(port), **(ROOT_MPI if os.geteuid() == 0 else {}))
     cmd = ["mpirun", "-np", "2", "--oversubscribe", "--bind-to", "none",
            "-x", "MASTER_PORT", "-x", "HWLOC_COMPONENTS", "-x", "PATH", "-x", "PYTHONPATH",
            "-x", "OMP_NUM_THREADS", PYTHON, TRAIN, *train_args(tiny_model, out)]
-    run = _record(launch("mpirun", [cmd], out, env, watch_port=port))
+    run = checked(launch("mpirun", [cmd], out, env, watch_port=port))
+    run.port = port
+    return run
+
+
+def test_mpirun_discovers_ranks_through_mpi4py(mpirun_run):
     # DeepSpeed's MPI discovery would use 29500 whatever MASTER_PORT says; init_distributed passes
     # MASTER_PORT on, so that two jobs can share a node.
-    assert run.port_seen, f"nothing listened on MASTER_PORT={port} during the run"
+    assert mpirun_run.port_seen, f"nothing listened on MASTER_PORT={mpirun_run.port} during the run"
 
 
 # ------------------------------------------------------------------------------- accelerate
-def test_accelerate_launch_with_the_zero3_config(tiny_model, tmp_path):
-    out = tmp_path / "out"
+@pytest.fixture(scope="module")
+def accelerate_run(tiny_model, tmp_path_factory) -> Run:
+    out = tmp_path_factory.mktemp("accelerate") / "out"
     cmd = [PYTHON, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_YAML),
            "--num_processes", "2", "--main_process_port", str(free_port()),
            TRAIN, *train_args(tiny_model, out)]
-    _record(launch("accelerate", [cmd], out))
+    return checked(launch("accelerate", [cmd], out))
+
+
+def test_accelerate_launch_with_the_zero3_config(accelerate_run):
     # No --deepspeed typed: the trainer's default, which is the file the YAML names.
-    assert Path(read_json(out / "config.json")["run"]["deepspeed"]) == REPO / "ds_configs" / "zero3.json"
+    config = read_json(accelerate_run.out / "config.json")
+    assert Path(config["run"]["deepspeed"]) == REPO / "ds_configs" / "zero3.json"
 
 
 # What a process started by `accelerate launch` makes of the trainer's flags (no engine started).
@@ -220,17 +229,23 @@ def test_accelerate_config_file_reaches_the_trainer(tmp_path):
 
 
 # -------------------------------------------------------------------------------- deepspeed
-def test_deepspeed_launcher_num_gpus(tiny_model, tmp_path):
-    out = tmp_path / "out"
+@pytest.fixture(scope="module")
+def deepspeed_run(tiny_model, tmp_path_factory) -> Run:
+    out = tmp_path_factory.mktemp("deepspeed") / "out"
     cmd = [*_bin("deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
            TRAIN, "--deepspeed", str(REPO / "ds_configs" / "zero3.json"), *train_args(tiny_model, out)]
-    run = _record(launch("deepspeed", [cmd], out))
-    assert "--local_rank=1" in run.output  # the launcher's flag, accepted by the trainer
+    return checked(launch("deepspeed", [cmd], out))
 
 
-def test_deepspeed_hostfile_two_nodes_without_ssh(tiny_model, tmp_path):
+def test_deepspeed_launcher_num_gpus(deepspeed_run):
+    assert "--local_rank=1" in deepspeed_run.output  # the launcher's flag, accepted by the trainer
+
+
+@pytest.fixture(scope="module")
+def hostfile_run(tiny_model, tmp_path_factory) -> Run:
     """Two hostfile entries that are both this machine; each "node" runs its own launcher with
     --no_ssh --node_rank N, as on a cluster without ssh between nodes."""
+    tmp_path = tmp_path_factory.mktemp("hostfile")
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
     out = tmp_path / "out"
@@ -239,9 +254,12 @@ def test_deepspeed_hostfile_two_nodes_without_ssh(tiny_model, tmp_path):
              "--master_addr", "127.0.0.1", "--master_port", port,
              TRAIN, "--deepspeed", str(REPO / "ds_configs" / "zero3.json"), *train_args(tiny_model, out)]
             for node in (0, 1)]
-    run = _record(launch("deepspeed-hostfile", cmds, out))
-    assert "nnodes=2, num_local_procs=1, node_rank=0" in run.output
-    assert "nnodes=2, num_local_procs=1, node_rank=1" in run.output
+    return checked(launch("deepspeed-hostfile", cmds, out))
+
+
+def test_deepspeed_hostfile_two_nodes_without_ssh(hostfile_run):
+    assert "nnodes=2, num_local_procs=1, node_rank=0" in hostfile_run.output
+    assert "nnodes=2, num_local_procs=1, node_rank=1" in hostfile_run.output
 
 
 def _ssh_missing() -> str:
@@ -267,21 +285,24 @@ def test_deepspeed_hostfile_over_ssh(tiny_model, tmp_path):
     cmd = [*_bin("deepspeed"), "--hostfile", str(hostfile), "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), TRAIN, "--deepspeed", str(REPO / "ds_configs" / "zero3.json"),
            *train_args(tiny_model, out)]
-    _record(launch("deepspeed-ssh", [cmd], out))
+    checked(launch("deepspeed-ssh", [cmd], out))
 
 
 # ------------------------------------------------------------------------------- comparison
-def test_launchers_give_the_same_parameters():
-    if len(RUNS) < 2:
-        pytest.skip(f"needs 2 successful launcher runs in this session, got {sorted(RUNS)}")
-    names = sorted(RUNS)
+def test_launchers_give_the_same_parameters(request, accelerate_run, deepspeed_run, hostfile_run):
+    """Same flags, same ranks, same seed, CPU: bit-identical exported parameters and domain weights
+    under every launcher (the runs are this module's fixtures, so this test alone starts them)."""
+    runs = {run.name: run for run in (accelerate_run, deepspeed_run, hostfile_run)}
+    if not _mpi_missing():
+        runs["mpirun"] = request.getfixturevalue("mpirun_run")
+    names = sorted(runs)
     ref_name = names[0]
-    ref = exported_tensors(RUNS[ref_name].out / "export")
-    weights = read_json(RUNS[ref_name].out / "domain_weights.json")["weights"]
+    ref = exported_tensors(runs[ref_name].out / "export")
+    weights = read_json(runs[ref_name].out / "domain_weights.json")["weights"]
     for name in names[1:]:
-        other = exported_tensors(RUNS[name].out / "export")
+        other = exported_tensors(runs[name].out / "export")
         assert other.keys() == ref.keys()
         differ = [k for k in ref if not torch.equal(ref[k], other[k])]
         assert not differ, f"{name} vs {ref_name}: {len(differ)} tensors differ, e.g. {differ[:3]}"
-        assert read_json(RUNS[name].out / "domain_weights.json")["weights"] == weights
+        assert read_json(runs[name].out / "domain_weights.json")["weights"] == weights
     print(f"\nbit-identical exports: {', '.join(names)}")

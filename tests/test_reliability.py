@@ -3,9 +3,10 @@
 Every test runs ``launch/train.py`` for real (DeepSpeed ZeRO-3, gloo, CPU): 2 ranks under torchrun
 where ranks matter, 1 plain process where they do not. Signals and kills go to real PIDs:
 
-* SIGUSR1 goes to the worker PIDs (torchrun starts each worker in its own session and, by default,
-  dies of SIGUSR1 itself instead of forwarding it); SIGTERM goes to torchrun, which forwards it to
-  its workers and gives them 30 s (``--shutdown-timeout``) before SIGKILL.
+* SIGUSR1 goes to ONE worker PID, rank 1's (torchrun starts each worker in its own session and, by
+  default, dies of SIGUSR1 itself instead of forwarding it): every rank must stop with it; SIGTERM
+  goes to torchrun, which forwards it to its workers and gives them 30 s (``--shutdown-timeout``)
+  before SIGKILL.
 * torchrun exits 1 in both cases: it reports a worker's 75 as a failure ("exitcode : 75" in its
   report) and re-raises its own SIGTERM. The trainer's 75 reaches the job script only when the
   trainer is the task itself (srun, mpirun, plain python); see slurm/README.md.
@@ -217,8 +218,7 @@ def preempted(request, tiny_model, tmp_path_factory, reference) -> Preempted:
     job.wait_for(lambda: job.steps_done() >= 2 and len(job.workers()) == 2, "2 training steps")
     sent = time.monotonic()
     if request.param == "SIGUSR1":
-        for pid in job.workers().values():
-            os.kill(pid, signal.SIGUSR1)
+        os.kill(job.workers()[1], signal.SIGUSR1)  # rank 1 alone: the all-reduce must tell rank 0
     else:
         os.kill(job.proc.pid, signal.SIGTERM)  # torchrun forwards it to its workers
     rc = job.wait(120)
@@ -234,8 +234,9 @@ def test_signal_checkpoints_on_every_rank_and_exits_75(preempted):
     assert len(preempted.checkpoints) == 1, preempted.stderr[-3000:]
     step = int(preempted.checkpoints[0].split("_")[1])
     assert 1 <= step < N
-    assert (f"{preempted.signal}: checkpoint written at step {step}; exiting with code {EXIT_PREEMPTED}"
-            in preempted.stdout), preempted.stdout[-2000:]
+    # Rank 0 logs it; under SIGUSR1 only rank 1 was signalled, so rank 0 knows it from the all-reduce.
+    assert re.search(rf"(SIGUSR1|SIGTERM|signal): checkpoint written at step {step}; exiting with code "
+                     rf"{EXIT_PREEMPTED}", preempted.stdout), preempted.stdout[-2000:]
     checkpoint = preempted.out / "checkpoints" / preempted.checkpoints[0]
     manifest = read_json(checkpoint / MANIFEST)
     assert manifest["world_size"] == 2 and manifest["step"] == step
@@ -246,7 +247,9 @@ def test_signal_checkpoints_on_every_rank_and_exits_75(preempted):
     # torchrun turns the workers' 75 into its own 1 (see the module docstring).
     assert preempted.rc == 1
     if preempted.signal == "SIGUSR1":
-        assert re.search(rf"exitcode\s*:\s*{EXIT_PREEMPTED}\b", preempted.stderr), preempted.stderr[-3000:]
+        # torchrun's report: both workers (the signalled rank 1 and rank 0) exited 75.
+        exits = re.findall(r"rank\s*:\s*(\d+)[^\n]*\n(?:[^\n]*\n){0,3}?\s*exitcode\s*:\s*(-?\d+)", preempted.stderr)
+        assert sorted(exits) == [("0", str(EXIT_PREEMPTED)), ("1", str(EXIT_PREEMPTED))], preempted.stderr[-3000:]
     assert preempted.stop_s < 30
 
 
@@ -377,6 +380,31 @@ def test_a_killed_rank_ends_the_whole_job_quickly(tiny_model, tmp_path):
     assert re.search(r"exitcode\s*:\s*-9", job.stderr), job.stderr[-3000:]
 
 
+STUCK_LIMIT_S = 10
+
+
+def test_a_stuck_rank_times_out_the_others(tiny_model, tmp_path):
+    """--dist_timeout bounds a collective that waits for a rank that is alive but stuck (here rank 1,
+    SIGSTOPped mid-run): rank 0 gives up with an error after the timeout instead of waiting forever."""
+    job = Job(flags(tiny_model, tmp_path / "run", "--dist_timeout", str(STUCK_LIMIT_S), steps=400), 2,
+              tmp_path / "logs")
+    job.wait_for(lambda: job.steps_done() >= 2 and len(job.workers()) == 2, "2 training steps")
+    workers = job.workers()
+    os.kill(workers[1], signal.SIGSTOP)
+    stopped = time.monotonic()
+    try:
+        while alive(workers[0]) and time.monotonic() < stopped + STUCK_LIMIT_S + 60:
+            time.sleep(0.1)
+        elapsed = time.monotonic() - stopped
+        rank0_alive = alive(workers[0])
+    finally:
+        job.kill()
+    print(f"\nrank 1 stopped: rank 0 ended after {elapsed:.1f} s (--dist_timeout {STUCK_LIMIT_S})")
+    assert not rank0_alive, f"rank 0 still waits {elapsed:.0f} s after rank 1 stopped\n{job.tail()}"
+    assert STUCK_LIMIT_S - 1 <= elapsed < STUCK_LIMIT_S + 30, job.tail()
+    assert re.search(r"[Tt]imed out|[Tt]imeout", job.stderr), job.tail()
+
+
 CRASH_ON_RANK_0 = """\
 import os, runpy, sys, time
 import dreamprm.trainer as trainer
@@ -467,6 +495,23 @@ def test_refused_resume_leaves_the_run_folder_untouched(refusals, killed_in_save
     assert refusals["domains+reward_model"].returncode == 2
     for name in ("config.json", "domains.json"):
         assert (killed_in_save.out / name).read_text() == (refusals["before"] / name).read_text(), name
+
+
+def test_a_checkpoint_without_its_manifest_or_files_is_refused_before_the_engine_is_touched(tmp_path):
+    # In process: Checkpointer.load must raise the ConfigError (exit 2 through the entry point, as the
+    # refusals above show) before it uses the engine, here None.
+    from dreamprm.checkpoint import Checkpointer
+    from dreamprm.config import ConfigError
+    folder = tmp_path / "step_00000004"
+    (folder / "engine").mkdir(parents=True)
+    (folder / "trainer_state.pt").write_bytes(b"")
+    with pytest.raises(ConfigError, match=f"--resume {folder}: not a complete checkpoint \\(manifest.json is missing\\)"):
+        Checkpointer(tmp_path, None).load(folder)
+    (folder / MANIFEST).write_text(json.dumps({"step": 4, "world_size": 1, "files": [
+        "trainer_state.pt", "rank_0.pt", "engine/zero_pp_rank_0_mp_rank_00_model_states.pt"]}))
+    with pytest.raises(ConfigError, match=f"--resume {folder}: incomplete checkpoint: 2 file\\(s\\) of manifest.json are "
+                                          "missing, e.g. rank_0.pt"):
+        Checkpointer(tmp_path, None).load(folder)
 
 
 def test_every_torch_load_in_dreamprm_uses_weights_only():

@@ -23,10 +23,9 @@ _ok, _why = slurm_available()
 pytestmark = pytest.mark.skipif(not _ok, reason=_why)
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    with LocalSlurm(tmp_path_factory.mktemp("slurm"), nodes=2, cpus_per_node=2) as c:
-        yield c
+@pytest.fixture
+def cluster(slurm_cluster):
+    return slurm_cluster  # one cluster per session, shared with tests/test_slurm_train.py (conftest.py)
 
 
 def _alive(pid: int) -> bool:
@@ -74,7 +73,7 @@ def test_stop_leaves_nothing_running(tmp_path, cluster):
         except OSError:
             pass
     assert leftovers == []
-    # The module's cluster is unaffected.
+    # The session's cluster is unaffected.
     assert cluster.sbatch("#!/bin/bash\ntrue\n", args=["--output=/dev/null"]).returncode == 0
 
 
@@ -319,8 +318,6 @@ def test_train_7b_headers_as_written(tmp_path):
         assert rec["OMP_NUM_THREADS"] == "8"  # --cpus-per-task=8
 
 
-@pytest.mark.skipif(not os.environ.get("DREAMPRM_SLOW_TESTS"),
-                    reason="~40 s; set DREAMPRM_SLOW_TESTS=1 to run")
 def test_time_limit_signal_requeue(cluster, tmp_path):
     """Slurm's own timer (`--signal=USR1@T`, here 50 s before a 1-minute limit) reaches the
     trainer ranks, not the batch shell; the job is requeued and the next run resumes."""

@@ -12,8 +12,9 @@ sbatch options only (tiny Qwen2-VL, demo data, 2 nodes x 1 task, no GPUs), each 
   requeues the job, the requeued run resumes from that checkpoint by itself and finishes;
   its final parameters are compared with the uninterrupted run's.
 
-Both jobs run at the same time (each node has 2 CPUs, each job takes 1 per node). At the end every
-daemon the module started is stopped by PID and no process of the cluster is left.
+Both jobs run at the same time (each node has 2 CPUs, each job takes 1 per node). The cluster is the
+session's (tests/conftest.py, shared with tests/test_slurm_cluster.py), which stops it at the end
+and checks that no process of it is left.
 
 Skipped (with the reason) when not root or Slurm/munge are missing; CI has both.
 """
@@ -31,7 +32,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import DEMO, PYTHON, REPO, exported_tensors, read_json, read_scalars  # noqa: E402
+from conftest import DEMO, PYTHON, REPO, exported_tensors, processes_with_env, read_json, read_scalars  # noqa: E402
 from dreamprm.checkpoint import complete_checkpoints  # noqa: E402
 from slurm_cluster import TERMINAL_STATES, LocalSlurm, slurm_available  # noqa: E402
 
@@ -99,10 +100,9 @@ def _finish(cluster, proc, job_id, submit_dir, out, signalled_at=None) -> Job:
     return Job(job_id, rc, out, _logs(submit_dir, job_id), cluster.job(job_id), signalled_at)
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    with LocalSlurm(tmp_path_factory.mktemp("slurm"), nodes=2, cpus_per_node=2) as c:
-        yield c
+@pytest.fixture
+def cluster(slurm_cluster):
+    return slurm_cluster  # one cluster per session, shared with tests/test_slurm_cluster.py (conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -233,28 +233,21 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def _processes_with(needle: bytes) -> list[int]:
-    found = []
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if needle in Path(f"/proc/{entry}/environ").read_bytes().split(b"\0"):
-                found.append(int(entry))
-        except OSError:
-            pass
-    return found
-
-
-def test_every_daemon_and_job_process_is_gone_after_stop(cluster, jobs):
-    """Runs last in this module: stop the cluster now and check that nothing of it is left."""
+def test_no_process_of_the_jobs_is_left_after_they_end(cluster, jobs):
+    """Every task, slurmstepd and trainer of both jobs is gone once they ended (the session's cluster
+    stays up for other tests; tests/conftest.py stops it at the end and checks that nothing of it,
+    daemons included, is left)."""
     for job in jobs.values():
         assert cluster.job(job.job_id).get("JobState") in TERMINAL_STATES
-    daemons = {name: proc.pid for name, proc in cluster._procs}
-    assert sorted(daemons) == ["munged", "slurmctld", "slurmd-n1", "slurmd-n2"]
-    needle = b"SLURM_CONF=" + str(cluster.conf).encode()
-    cluster.stop()
-    assert not [name for name, pid in daemons.items() if _alive(pid)]
-    assert _processes_with(needle) == []  # no slurmstepd, task or trainer of this cluster
-    assert not any(_alive(pid) for pid in _trainer_pids(jobs))
+    needles = [f"SLURM_JOB_ID={job.job_id}".encode() for job in jobs.values()]
+
+    def left() -> list[int]:
+        pids = [pid for needle in needles for pid in processes_with_env(needle)] + _trainer_pids(jobs)
+        return [pid for pid in pids if _alive(pid)]
+    deadline = time.monotonic() + 30
+    while left() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert left() == []
 
 
 def _trainer_pids(jobs: dict[str, Job]) -> list[int]:

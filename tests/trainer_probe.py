@@ -1,0 +1,227 @@
+"""Probes of the real Trainer on real ZeRO-3 ranks, driven from the test side.
+
+    torchrun --nproc_per_node 2 tests/trainer_probe.py OUT_DIR PROBES <launch/train.py flags>
+
+Builds `dreamprm.trainer.Trainer` from the flags exactly as launch/train.py does, then runs the
+named probes (comma-separated, in this order) on the trainer's own methods; each rank writes
+OUT_DIR/rank_<r>.json (numbers) and OUT_DIR/rank_<r>.pt (its batches). Nothing in dreamprm is
+changed; the probes only replace the trainer's data streams and its domain weights by fixed values
+and record what its methods compute (tests/test_trainer_paths.py checks the records).
+
+* ``upper``: domain logits set to fixed non-zero values (same on every rank); two training
+  micro-batches and the meta batch come from the trainer's own streams; `Trainer.run_upper_step`
+  (the trainer's `upper_step` with its flags: --hypergrad, --fd_radius, --aggregation, ...) runs
+  once. Recorded: d and the hypergradient it computed, the batches (for the fp64 reference), and
+  whether the parameters came back bit for bit: every ZeRO-3 partition, the fp32 master partitions
+  and the scores of a forward before and after.
+* ``lower``: the domain weights replaced by fixed values, one of them 0; one `Trainer.lower_step`
+  on fixed micro-batches (--gradient_accumulation of them); the gradient the engine holds when the
+  trainer calls the optimiser step is captured and compared with sum_m sum_k w_k ∂(S_mk/n_m)/∂θ / M,
+  each domain's gradient taken by its own backward pass of a loss written here.
+* ``checksum``: rank 1's domain logits nudged by 1e-6; `run_upper_step` (with
+  --weight_check_every 1) must raise on every rank.
+* ``bad_upper``: a NaN in the meta loss of rank 0 at the next --max_bad_steps upper steps
+  (the trainer's own --inject_nonfinite plan); the last one must stop with TrainingAborted
+  after a checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+FIXED_LOGITS = [0.4, -0.6, 0.9, -0.2, 0.1, 0.3, -0.4, 0.7]  # first K used
+FIXED_WEIGHTS = [0.0, 1.5, 0.5, 2.0, 1.0, 1.0, 1.0, 1.0]  # first K used, renormalised to mean 1 but the 0
+
+
+def flat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.reshape(-1).double() for t in tensors]) if tensors else torch.zeros(0, dtype=torch.float64)
+
+
+def parameter_state(trainer) -> list[torch.Tensor]:
+    """Every rank-local copy of the parameters the upper step may edit: the ZeRO-3 partitions (the
+    16/32-bit working copies) and the optimiser's fp32 master partitions."""
+    engine = trainer.engine
+    out = [p.ds_tensor.detach().clone() if hasattr(p, "ds_tensor") else p.detach().clone()
+           for p in engine.module.parameters()]
+    inner = engine.module_engine.optimizer
+    out += [t.detach().clone() for t in getattr(inner, "fp32_partitioned_groups_flat", [])]
+    return out
+
+
+def probe_upper(trainer, record: dict, saved: dict) -> None:
+    import dreamprm.trainer as trainer_module
+    k = len(trainer.domains)
+    with torch.no_grad():
+        trainer.domain_weights.logits.copy_(torch.tensor(FIXED_LOGITS[:k], dtype=torch.float64))
+    batches = [trainer.engine.to_device(trainer.next_train_batch()) for _ in range(2)]
+    meta_seen, results = [], []
+    next_meta = trainer.next_meta_batch
+
+    def recording_meta_batch():
+        batch = next_meta()
+        meta_seen.append(batch)
+        return batch
+
+    real_upper_step = trainer_module.upper_step
+
+    def recording_upper_step(*args, **kwargs):
+        result = real_upper_step(*args, **kwargs)
+        results.append(result)
+        return result
+
+    from dreamprm.bilevel.upper import model_inputs
+    with torch.no_grad():
+        scores_before = trainer.engine.forward(model_inputs(batches[0])).detach().clone()
+    before = parameter_state(trainer)
+    trainer.next_meta_batch, trainer_module.upper_step = recording_meta_batch, recording_upper_step
+    try:
+        trainer.run_upper_step(batches)
+    finally:
+        trainer_module.upper_step = real_upper_step
+        del trainer.next_meta_batch
+    after = parameter_state(trainer)
+    with torch.no_grad():
+        scores_after = trainer.engine.forward(model_inputs(batches[0])).detach().clone()
+    (result,) = results
+    record["upper"] = {
+        "directional": result.directional.tolist(), "hypergradient": result.hypergradient.tolist(),
+        "epsilon": result.epsilon, "applied": result.applied, "logits_before": FIXED_LOGITS[:k],
+        "parameters_restored_bit_exactly": all(torch.equal(a, b) for a, b in zip(before, after)),
+        "parameter_tensors_compared": len(before),
+        "scores_equal_after": bool(torch.equal(scores_before, scores_after)),
+        "local_counts": [int(b["target"].numel()) for b in batches],
+    }
+    saved["train_batches"] = [{k: v.cpu() if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
+    saved["meta_batches"] = [{k: v.cpu() if torch.is_tensor(v) else v for k, v in b.items()} for b in meta_seen]
+
+
+def domain_loss(logits: torch.Tensor, batch: dict, k: int) -> torch.Tensor:
+    """S_k / n of one micro-batch, written here: sum over its domain-k rows of (sigmoid(z) - accuracy)^2."""
+    squared = (1.0 / (1.0 + torch.exp(-logits.float())) - batch["target"].float()) ** 2
+    return (squared * (batch["domain"] == k).float()).sum() / batch["target"].numel()
+
+
+def probe_lower(trainer, record: dict) -> None:
+    from dreamprm.bilevel.upper import model_inputs
+    from dreamprm.trainer import Window
+    engine, k = trainer.engine, len(trainer.domains)
+    micro = engine.module_engine.gradient_accumulation_steps()
+    batches = []
+    while len(batches) < micro:  # each micro-batch holds domain 0 (the weight-0 domain) and another one
+        batch = trainer.next_train_batch()
+        if (batch["domain"] == 0).any() and (batch["domain"] != 0).any():
+            batches.append(batch)
+    weights = torch.tensor(FIXED_WEIGHTS[:k], dtype=torch.float64)
+    weights[1:] *= k / float(weights[1:].sum())  # mean 1 over the K domains, domain 0 at exactly 0
+    # Each domain's gradient of each micro-batch at the current parameters (averaged over ranks by
+    # DeepSpeed, not scaled for accumulation).
+    per_domain = []
+    for batch in batches:
+        device_batch = engine.to_device(batch)
+        rows = []
+        for d in range(k):
+            logits = engine.forward(model_inputs(device_batch))
+            rows.append(flat(engine.backward_without_step(domain_loss(logits, device_batch, d))))
+        per_domain.append(rows)
+    expected = sum(sum(float(weights[d]) * rows[d] for d in range(k)) for rows in per_domain) / micro
+    uniform = sum(sum(rows) for rows in per_domain) / micro
+    domain0 = sum(rows[0] for rows in per_domain) / micro
+    captured = []
+    real_step = engine.step
+
+    def capturing_step():
+        captured.append(flat(engine.owned_gradients()))
+        real_step()
+
+    stream = iter(batches)
+    trainer.next_train_batch = lambda: next(stream)
+    trainer.domain_weights.forward = lambda: weights.clone()
+    engine.step = capturing_step
+    try:
+        trainer.lower_step(Window())
+    finally:
+        del engine.step, trainer.domain_weights.forward, trainer.next_train_batch
+    got = captured[-1]
+    sums = torch.stack([(got - expected).pow(2).sum(), expected.pow(2).sum(), (uniform - expected).pow(2).sum(),
+                        domain0.pow(2).sum(), (got - uniform).pow(2).sum()])
+    sums = engine.all_reduce_sum(sums.to(trainer.info.device)).cpu()  # norms over every rank's shard
+    record["lower"] = {
+        "weights": weights.tolist(), "micro_batches": micro, "step_calls": len(captured),
+        "rel_error": math.sqrt(sums[0] / sums[1]),
+        "uniform_vs_expected": math.sqrt(sums[2] / sums[1]),
+        "domain0_share": math.sqrt(sums[3] / sums[1]),
+        "rel_error_vs_uniform": math.sqrt(sums[4] / sums[1]),
+    }
+
+
+def probe_checksum(trainer, record: dict, saved: dict) -> None:
+    logits = trainer.domain_weights.logits
+    keep = logits.detach().clone()
+    if trainer.info.rank == 1:
+        with torch.no_grad():
+            logits[0] += 1e-6
+    batches = [trainer.engine.to_device(b) for b in saved["train_batches"]]
+    try:
+        trainer.run_upper_step(batches)
+        record["checksum"] = {"raised": None}
+    except RuntimeError as err:
+        record["checksum"] = {"raised": str(err)}
+    with torch.no_grad():
+        logits.copy_(keep)
+
+
+def probe_bad_upper(trainer, record: dict, saved: dict) -> None:
+    from dreamprm.trainer import TrainingAborted
+    limit = trainer.config.run.max_bad_steps
+    first = trainer.state.upper_steps + 1
+    trainer.faults["upper"] = set(range(first, first + limit))
+    before = trainer.domain_weights.logits.detach().clone()
+    batches = [trainer.engine.to_device(b) for b in saved["train_batches"]]
+    out = {"raised": None, "calls": 0}
+    for _ in range(limit):
+        out["calls"] += 1
+        try:
+            trainer.run_upper_step(batches)
+        except TrainingAborted as err:
+            out["raised"] = str(err)
+            break
+    out["logits_unchanged"] = bool(torch.equal(before, trainer.domain_weights.logits.detach()))
+    out["skipped_upper"] = trainer.state.skipped_upper
+    record["bad_upper"] = out
+
+
+def main() -> int:
+    out_dir, probes, argv = Path(sys.argv[1]), sys.argv[2].split(","), sys.argv[3:]
+    from dreamprm.config import parse_args
+    from dreamprm.distributed.engine import init_distributed, shutdown
+    from dreamprm.preemption import StopRequest
+    from dreamprm.trainer import Trainer
+    config = parse_args(argv)
+    info = init_distributed(config.run.device, timeout_s=config.run.dist_timeout)
+    trainer = Trainer(config, info, StopRequest())
+    record: dict = {"rank": info.rank, "world_size": info.world_size, "domains": trainer.domains,
+                    "precision": config.optim.precision}
+    saved: dict = {}
+    for name in probes:
+        {"upper": lambda: probe_upper(trainer, record, saved), "lower": lambda: probe_lower(trainer, record),
+         "checksum": lambda: probe_checksum(trainer, record, saved),
+         "bad_upper": lambda: probe_bad_upper(trainer, record, saved)}[name]()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"rank_{info.rank}.json").write_text(json.dumps(record, indent=1))
+    torch.save(saved, out_dir / f"rank_{info.rank}.pt")
+    trainer.logger.close()
+    shutdown(clean=True)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())
