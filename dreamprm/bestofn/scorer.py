@@ -17,7 +17,7 @@ from dreamprm.bestofn.candidates import Question
 from dreamprm.data.packing import make_collator
 from dreamprm.data.records import DataValidationError, load_image
 from dreamprm.model.export_files import BACKBONE_FILES, HEAD_FILE, PRM_CONFIG
-from dreamprm.model.prm import MODEL_INPUTS, PACKED_INPUTS
+from dreamprm.model.prm import MODEL_KEYS
 
 
 def resolve_prm_dir(path: str | Path, problems: list[str]) -> tuple[Path, dict[str, Any]]:
@@ -89,7 +89,7 @@ class ModelScorer:
 
     def _inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         # The one place tensors move to the device.
-        keys = MODEL_INPUTS + PACKED_INPUTS + ("score_index",)
+        keys = MODEL_KEYS
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if k in keys}
 
     @torch.no_grad()
