@@ -248,9 +248,12 @@ def test_signal_checkpoints_on_every_rank_and_exits_75(preempted):
     # torchrun turns the workers' 75 into its own 1 (see the module docstring).
     assert preempted.rc == 1
     if preempted.signal == "SIGUSR1":
-        # torchrun's report: both workers (the signalled rank 1 and rank 0) exited 75.
-        exits = re.findall(r"rank\s*:\s*(\d+)[^\n]*\n(?:[^\n]*\n){0,3}?\s*exitcode\s*:\s*(-?\d+)", preempted.stderr)
-        assert sorted(exits) == [("0", str(EXIT_PREEMPTED)), ("1", str(EXIT_PREEMPTED))], preempted.stderr[-3000:]
+        # torchrun's report: rank 0, which was not signalled, exited 75 (it learnt of the signal from the
+        # step's all-reduce and checkpointed with rank 1: both ranks' files are in the manifest above);
+        # rank 1 exited 75 too, or torchrun ended it (SIGTERM) once rank 0 had exited first.
+        exits = dict(re.findall(r"rank\s*:\s*(\d+)[^\n]*\n\s*exitcode\s*:\s*(-?\d+)", preempted.stderr))
+        assert exits.get("0") == str(EXIT_PREEMPTED), preempted.stderr[-3000:]
+        assert exits.get("1") in (None, str(EXIT_PREEMPTED), "-15"), preempted.stderr[-3000:]
     assert preempted.stop_s < 30
 
 

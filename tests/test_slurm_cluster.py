@@ -23,7 +23,7 @@ _ok, _why = slurm_available()
 pytestmark = pytest.mark.skipif(not _ok, reason=_why)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def cluster(slurm_cluster):
     return slurm_cluster  # one cluster per session, shared with tests/test_slurm_train.py (conftest.py)
 

@@ -100,7 +100,7 @@ def _finish(cluster, proc, job_id, submit_dir, out, signalled_at=None) -> Job:
     return Job(job_id, rc, out, _logs(submit_dir, job_id), cluster.job(job_id), signalled_at)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def cluster(slurm_cluster):
     return slurm_cluster  # one cluster per session, shared with tests/test_slurm_cluster.py (conftest.py)
 
