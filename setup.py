@@ -27,6 +27,6 @@ setup(
     entry_points={"console_scripts": [
         "dreamprm-train=dreamprm.cli:main_train",
         "dreamprm-tiny-model=dreamprm.model.tiny:main",
-        "dreamprm-select=dreamprm.cli:main_select",
+        "dreamprm-bestofn=dreamprm.cli:main_bestofn",
     ]},
 )

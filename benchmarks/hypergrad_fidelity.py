@@ -30,7 +30,8 @@ from benchmarks import fp64_reference  # noqa: E402
 from benchmarks.fp64_reference import Float64Reference  # noqa: E402
 from dreamprm.bilevel import hypergradient as hg  # noqa: E402
 from dreamprm.bilevel.domain_weights import DomainWeights  # noqa: E402
-from dreamprm.bilevel.upper import domain_sums_at, exact_domain_dots, meta_gradient, model_inputs  # noqa: E402
+from dreamprm.bilevel.upper import domain_sums_at, exact_domain_dots, meta_gradient  # noqa: E402
+from dreamprm.model.prm import model_inputs  # noqa: E402
 from dreamprm.config import DEMO_DIR, REPO_ROOT, TrainConfig, load_ds_config, resolve_ds_config  # noqa: E402
 from dreamprm.data.datasets import MetaDataset, PRMCollator, TrainDataset  # noqa: E402
 from dreamprm.data.records import domain_index, load_meta_records, load_train_records  # noqa: E402
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     from dreamprm.distributed.engine import DistributedEngine, init_distributed, partitioned_construction, shutdown
     from dreamprm.model.loading import build_prm
     from dreamprm.model.processor import load_processor
-    from dreamprm.trainer import resolve_reward_model
+    from dreamprm.build import resolve_reward_model
 
     info = init_distributed("auto")
     model_dir = resolve_reward_model(args.reward_model, info.rank)

@@ -5,7 +5,7 @@
    training records batched as the trainer batches them, and Best-of-N candidates.
 2. Wall time through the real code paths on CPU, tiny model: `launch/train.py` with ``--packing
    none`` and ``--packing chain --chain_batches`` (lower step, upper step, segment, from its
-   TensorBoard scalars) and the Best-of-N scorer of `dreamprm.select`.
+   TensorBoard scalars) and the Best-of-N scorer of `dreamprm.bestofn`.
 3. Forward FLOPs at the Qwen2-VL-2B geometry for the same token layouts (vision tower included: the
    per-prefix path encodes the image once per prefix).
 
@@ -221,12 +221,13 @@ def time_training(model: Path, data: Path, out: Path, packing: str, segments: in
 
 
 def time_best_of_n(model: Path, candidates: Path, packing: str, repeats: int = 2) -> dict:
-    """The Best-of-N scorer of dreamprm.select over every candidate of every question (best of repeats)."""
+    """The Best-of-N scorer of dreamprm.bestofn over every candidate of every question (best of repeats)."""
     import time
 
     from dreamprm.model.loading import build_prm
     from dreamprm.model.processor import load_processor
-    from dreamprm.select import ModelScorer, load_candidates
+    from dreamprm.bestofn.candidates import load_candidates
+    from dreamprm.bestofn.scorer import ModelScorer
     questions = load_candidates(candidates)
     scorer = ModelScorer(build_prm(model, "hidden", seed=0), load_processor(model), torch.device("cpu"),
                          batch_size=8, max_image_side=512, packing=packing)

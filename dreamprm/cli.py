@@ -3,11 +3,9 @@ from __future__ import annotations
 
 import sys
 
-from dreamprm.config import ConfigError, parse_args
+from dreamprm.config import EXIT_USER_ERROR, ConfigError, parse_args
 from dreamprm.data.records import DataValidationError
 from dreamprm.preemption import EXIT_CHECKPOINT_FAILED, EXIT_PREEMPTED, StopRequest
-
-EXIT_USER_ERROR = 2
 
 
 def run_training(argv: list[str]) -> int:
@@ -37,7 +35,7 @@ def main_train() -> None:
     sys.exit(run_training(sys.argv[1:]))
 
 
-def main_select() -> None:
-    """Console script `dreamprm-select` (Best-of-N selection with an exported PRM)."""
-    from dreamprm.select import main
+def main_bestofn() -> None:
+    """Console script `dreamprm-bestofn` (Best-of-N selection with an exported PRM, one process)."""
+    from dreamprm.bestofn.run import main
     sys.exit(main(sys.argv[1:]))

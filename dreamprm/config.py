@@ -4,7 +4,7 @@ The original DreamPRM's flags keep their names and types (``--gradiant_accumulat
 spelling, ``--gradient_accumulation`` accepted too). Defaults point at the bundled demo and the tiny
 offline model so that ``deepspeed launch/train.py`` with no flags runs out of the box. Each field's
 help text is its documentation; ``--help`` prints all of them. This module imports the standard
-library only.
+library only (and `dreamprm.flags`, which does too).
 """
 from __future__ import annotations
 
@@ -17,23 +17,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dreamprm.flags import DefaultsHelpFormatter, add_flags, values_of
+from dreamprm.flags import flag as _f  # every field below is a flag
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_DIR = REPO_ROOT / "data" / "demo"
 TINY_MODEL = "tiny"  # --reward_model value that builds the offline tiny Qwen2-VL on first use
 
 HYPERGRAD_METHODS = ("exact", "fd", "fd_bf16_naive")
+# Step scores -> chain score: the names, here for --aggregation's choices without importing torch;
+# `dreamprm.bilevel.aggregation.AGGREGATIONS` maps these names to the functions.
 AGGREGATIONS = ("mean_logit", "mean", "min", "max", "product", "last")
 META_LOSSES = ("pairwise", "mse")
 META_OPTIMIZERS = ("gated", "adamw", "sgd")
 WEIGHTINGS = ("domain", "instance", "both")
 
 
+# The exit code of a user's mistake (a bad flag, config file or record), argparse's own for a bad flag;
+# every entry point uses it.
+EXIT_USER_ERROR = 2
+
+
 class ConfigError(ValueError):
     """A flag or a DeepSpeed config value is invalid; the message names the flag or the file and key."""
-
-
-def _f(default: Any, help: str, **kw: Any) -> Any:
-    return field(default=default, metadata={"help": help, **kw})
 
 
 @dataclass
@@ -43,6 +49,9 @@ class DataConfig:
     image_root: str | None = _f(None, "folder image paths are relative to (default: each JSON file's folder)")
     max_image_side: int = _f(512, "longest image side in pixels; larger images are downscaled")
     num_workers: int = _f(0, "data-loader worker processes per rank")
+    skip_invalid_records: bool = _f(False, "train on the valid records of files that also hold invalid ones: counts "
+                                    "per reason are printed and every record left out is written with its reasons "
+                                    "to skipped_records.jsonl in the output folder (default: refuse the files)")
     packing: str = _f("chain", "'chain': the step prefixes of a chain in one sequence, scored exactly as one by one "
                       "(meta chains, Best-of-N, and the training records of one chain that share a batch: "
                       "data/README.md); 'none': one sequence per prefix, as the original", choices=("none", "chain"))
@@ -65,7 +74,7 @@ class ModelConfig:
 class OptimConfig:
     batch_size: int = _f(1, "micro-batch size per rank (training records)")
     gradiant_accumulation: int = _f(1, "micro-batches per optimiser step (the original's spelling; "
-                                    "--gradient_accumulation works too)")
+                                    "--gradient_accumulation works too)", aliases=("--gradient_accumulation",))
     lr: float = _f(5e-7, "PRM learning rate (AdamW)")
     weight_decay: float = _f(1e-3, "PRM weight decay")
     scheduler_step_size: int = _f(5000, "StepLR: decay the PRM learning rate every N optimiser steps")
@@ -126,12 +135,9 @@ class RunConfig:
     max_bad_steps: int = _f(5, "stop after this many consecutive non-finite losses or hypergradients")
     export: bool = _f(True, "export the trained PRM in Hugging Face form at the end")
     dist_timeout: int = _f(600, "seconds a collective may wait for a missing rank before the job fails")
-    inject_nonfinite: str | None = _f(None, "fault injection for tests: make rank 0's loss non-finite at these "
-                                      "optimiser steps, e.g. 'lower:5,6;upper:2' (upper: the n-th upper step)")
 
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "bilevel": BilevelConfig, "run": RunConfig}
-FLAG_ALIASES = {"gradiant_accumulation": ["--gradient_accumulation"]}
 
 
 @dataclass
@@ -183,23 +189,10 @@ class TrainConfig:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="launch/train.py", description="DreamPRM-DS: bi-level domain-reweighted PRM training on DeepSpeed.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=DefaultsHelpFormatter)
     for section, cls in SECTIONS.items():
-        group = parser.add_argument_group(section)
-        for f in dataclasses.fields(cls):
-            flags = [f"--{f.name}"] + FLAG_ALIASES.get(f.name, [])
-            kwargs: dict[str, Any] = {"dest": f.name, "help": f.metadata["help"], "default": f.default}
-            if f.type in ("bool", bool):
-                kwargs["action"] = argparse.BooleanOptionalAction
-            else:
-                kwargs["type"] = _PARSERS.get(str(f.type), str)
-                if "choices" in f.metadata:
-                    kwargs["choices"] = f.metadata["choices"]
-            group.add_argument(*flags, **kwargs)
+        add_flags(parser, cls, group=section)
     return parser
-
-
-_PARSERS = {"int": int, "float": float, "str": str, "str | None": str}
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
@@ -219,8 +212,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     accelerate_ds = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
     if accelerate_ds and "deepspeed" not in explicit:
         values["deepspeed"] = str(Path(accelerate_ds).resolve())
-    config = TrainConfig(**{name: cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)})
-                            for name, cls in SECTIONS.items()}, explicit_flags=explicit)
+    config = TrainConfig(**{name: values_of(cls, values) for name, cls in SECTIONS.items()}, explicit_flags=explicit)
     try:
         return config.validate()
     except ConfigError as err:

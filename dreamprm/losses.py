@@ -10,8 +10,6 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from dreamprm.bilevel.aggregation import aggregate_logits
-
 
 def per_sample_mse(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """(sigmoid(logit) - Monte Carlo accuracy)^2 per sample, no reduction."""
@@ -66,10 +64,3 @@ def chain_meta_loss(chain_logits: torch.Tensor, labels: torch.Tensor, objective:
     if objective not in META_LOSSES:
         raise ValueError(f"--meta_loss: unknown objective {objective!r}; choose one of {sorted(META_LOSSES)}")
     return META_LOSSES[objective](chain_logits, labels.to(chain_logits.dtype))
-
-
-def meta_loss(step_logits: torch.Tensor, chain_index: torch.Tensor, labels: torch.Tensor,
-              aggregation: str = "mean_logit", objective: str = "mse") -> torch.Tensor:
-    """The upper-level objective of one batch of chains, from their step logits."""
-    chain_logits = aggregate_logits(aggregation, step_logits.float(), chain_index, labels.numel())
-    return chain_meta_loss(chain_logits, labels, objective)

@@ -1,13 +1,60 @@
 """Rank-0 logging: TensorBoard scalars, a tqdm progress bar and plain messages. Other ranks get the
-same object with everything switched off, so callers never test the rank themselves. `read_scalars`
+same object with everything switched off, so callers never test the rank themselves.
+`MetricWindow` accumulates the training metrics between two log lines on the device; `read_scalars`
 reads the scalars back (benchmarks, tests)."""
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import torch
 from tqdm import tqdm
+
+
+class MetricWindow:
+    """Sums of the lower-level losses, per domain too, since the last log line.
+
+    Everything stays on the device until `summary`, whose one all-reduce is the sync point of
+    logging (no host sync per micro-batch)."""
+
+    def __init__(self, num_domains: int, device: torch.device):
+        self.num_domains, self.device = num_domains, device
+        self.reset()
+
+    def reset(self) -> None:
+        # [loss sum, weighted-loss sum, samples, tokens, K domain loss sums, K domain counts]
+        self.sums = torch.zeros(4 + 2 * self.num_domains, dtype=torch.float64, device=self.device)
+        self.empty = True
+        self.started = time.perf_counter()
+
+    def add(self, per_sample: torch.Tensor, domain: torch.Tensor, weighted_loss: torch.Tensor,
+            attention_mask: torch.Tensor) -> None:
+        """One micro-batch: its per-sample losses and domains, its weighted loss (a batch mean)."""
+        k, n = self.num_domains, per_sample.numel()
+        per_sample = per_sample.detach().double()
+        self.sums[0] += per_sample.sum()
+        self.sums[1] += weighted_loss.detach().double() * n
+        self.sums[2] += n
+        self.sums[3] += attention_mask.sum()
+        self.sums[4:4 + k].index_add_(0, domain, per_sample)
+        self.sums[4 + k:].index_add_(0, domain, torch.ones_like(per_sample))
+        self.empty = False
+
+    def summary(self, all_reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, Any] | None:
+        """Global means over every rank since the last call (None if nothing was added), then reset."""
+        if self.empty:
+            return None
+        sums = all_reduce_sum(self.sums).cpu()
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        k = self.num_domains
+        loss, weighted, samples, tokens = sums[:4].tolist()
+        domain_sums, counts = sums[4:4 + k], sums[4 + k:]
+        self.reset()
+        return {"loss": loss / samples, "weighted_loss": weighted / samples, "samples_per_s": samples / elapsed,
+                "tokens_per_s": tokens / elapsed,
+                "domain_loss": {i: float(domain_sums[i] / counts[i]) for i in range(k) if counts[i] > 0}}
 
 
 class MetricsLogger:

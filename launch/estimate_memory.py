@@ -32,9 +32,8 @@ import io
 import os
 import sys
 
-# Replace this folder on the import path by the repository root: launch/select.py must not shadow
-# the standard library's `select` module (torch imports it), and dreamprm/ must be importable.
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The repository root on the import path, so that dreamprm/ imports without an install.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dreamprm.checkpoint import estimate_checkpoint_bytes  # noqa: E402
 from dreamprm.config import RunConfig  # noqa: E402
@@ -200,7 +199,7 @@ def disk_table(rows: list[DiskRow], keep_last: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="launch/estimate_memory.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=sorted(QWEN2_VL), help="default: every default setup")
     p.add_argument("--nodes", type=int, help="default: 1 for 2b, 1 and 2 for 7b")
     p.add_argument("--gpus_per_node", type=int, help="default: 8")

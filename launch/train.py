@@ -14,9 +14,8 @@ from __future__ import annotations
 import os
 import sys
 
-# Replace this folder on the import path by the repository root: launch/select.py must not shadow
-# the standard library's `select` module.
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The repository root on the import path, so that dreamprm/ imports without an install.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dreamprm.cli import run_training  # noqa: E402
 

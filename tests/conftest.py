@@ -46,10 +46,17 @@ def launch_command(script: str | Path, args: list[str], nproc: int = 1) -> list[
             "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script), *args]
 
 
+TRAIN = REPO / "launch" / "train.py"
+INJECT_FAULTS = REPO / "tests" / "inject_faults.py"  # launch/train.py with NaNs on rank 0: its first argument is the plan
+
+
 def run_train(args: list[str], nproc: int = 1, timeout: int = 600, check: bool = True,
-              env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Run launch/train.py for real; on failure the output is in the assertion message."""
-    proc = subprocess.run(launch_command(REPO / "launch" / "train.py", args, nproc), cwd=REPO,
+              env: dict[str, str] | None = None, faults: str | None = None) -> subprocess.CompletedProcess:
+    """Run launch/train.py for real (with `faults`, e.g. "lower:3;upper:2", through tests/inject_faults.py);
+    on failure the output is in the assertion message."""
+    command = launch_command(TRAIN, args, nproc) if faults is None else launch_command(INJECT_FAULTS, [faults, *args],
+                                                                                      nproc)
+    proc = subprocess.run(command, cwd=REPO,
                           env=env or base_env(), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")

@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from dreamprm.bilevel.upper import model_inputs
+from dreamprm.model.prm import model_inputs
 from dreamprm.config import parse_args
 from dreamprm.data.datasets import PRMCollator, TrainDataset
 from dreamprm.data.records import load_train_records

@@ -24,11 +24,11 @@ from dreamprm.data.records import domain_index, load_meta_records, load_train_re
 from dreamprm.distributed.engine import DistributedEngine, init_distributed, partitioned_construction, shutdown
 from dreamprm.losses import per_sample_mse, weighted_training_loss
 from dreamprm.model.loading import build_prm
-from dreamprm.model.prm import MODEL_INPUTS, PACKED_INPUTS
+from dreamprm.model.prm import MODEL_KEYS
 from dreamprm.model.processor import load_processor
 
 DEMO = REPO_ROOT / "data" / "demo"
-INPUTS = MODEL_INPUTS + PACKED_INPUTS + ("score_index",)
+INPUTS = MODEL_KEYS
 META_PER_RANK, TRAIN_PER_RANK = 3, 9  # 9 records: chains split across the ranks and the batch end
 
 

@@ -5,14 +5,20 @@ flags; a typed flag that disagrees with a concrete JSON value is an error naming
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import json
+import typing
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from dreamprm.config import (DEMO_DIR, TINY_MODEL, ConfigError, TrainConfig, build_parser, load_ds_config,
+from dreamprm.bestofn.config import BestOfNConfig
+from dreamprm.bestofn.config import build_parser as build_bestofn_parser
+from dreamprm.config import (DEMO_DIR, SECTIONS, TINY_MODEL, ConfigError, TrainConfig, build_parser, load_ds_config,
                              parse_args, resolve_ds_config)
+from dreamprm.flags import add_flags, flag, flag_type, values_of
 
 REPO = Path(__file__).resolve().parent.parent
 DS_CONFIGS = ["zero3.json", "zero3_offload.json", "zero2.json"]
@@ -111,6 +117,42 @@ def test_boolean_flags():
     config = cfg("--baseline", "--no-export")
     assert config.bilevel.baseline is True and config.run.export is False
     assert {"baseline", "export"} <= config.explicit_flags
+
+
+@dataclass(frozen=True)
+class Optional_:
+    """Optional flags of each type; the annotations are strings here (`from __future__ import annotations`),
+    as in every config dataclass."""
+    count: int | None = flag(None, "an optional int", group="g")
+    scale: float | None = flag(None, "an optional float", group="g")
+    name: str | None = flag(None, "an optional str", group="g")
+    steps: int = flag(3, "an int", group="g")
+    on: bool = flag(False, "a bool", group="g")
+
+
+def test_optional_flags_parse_as_their_type_not_as_str():
+    parser = argparse.ArgumentParser()
+    add_flags(parser, Optional_)
+    got = values_of(Optional_, vars(parser.parse_args(["--count", "4", "--scale", "0.5", "--name", "x", "--on"])))
+    assert got == Optional_(count=4, scale=0.5, name="x", steps=3, on=True)
+    assert (type(got.count), type(got.scale), type(got.name)) == (int, float, str)
+    assert values_of(Optional_, vars(parser.parse_args([]))) == Optional_()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--count", "four"])
+    assert [flag_type(t) for t in (int | None, float | None, str | None, bool, int)] == [int, float, str, bool, int]
+    with pytest.raises(TypeError):
+        flag_type(int | str)
+
+
+def test_every_train_and_bestofn_flag_has_its_fields_type():
+    """One builder serves both entry points; each flag parses as its field's annotation says."""
+    for parser, classes in ((build_parser(), SECTIONS.values()), (build_bestofn_parser(), [BestOfNConfig])):
+        by_dest = {a.dest: a for a in parser._actions}
+        for cls in classes:
+            for name, annotation in typing.get_type_hints(cls).items():
+                kind = flag_type(annotation)
+                action = by_dest[name]
+                assert (isinstance(action, argparse.BooleanOptionalAction) if kind is bool else action.type is kind), name
 
 
 @pytest.mark.parametrize("argv,fragment", [

@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from dreamprm.bilevel.aggregation import AGGREGATIONS, aggregate, aggregate_logits
+from dreamprm.bilevel.aggregation import AGGREGATIONS, aggregate, aggregate_logits, meta_loss
 from dreamprm.bilevel.meta_optimizer import SignalGatedSGD, build_meta_optimizer, effective_count
-from dreamprm.losses import META_LOSSES, chain_meta_loss, meta_loss, pairwise_meta_loss
+from dreamprm.losses import META_LOSSES, chain_meta_loss, pairwise_meta_loss
 
 
 def brute_force_pairwise(z: list[float], labels: list[int]) -> float:

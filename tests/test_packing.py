@@ -15,10 +15,10 @@ from dreamprm.data.datasets import MetaDataset, PRMCollator, TrainDataset
 from dreamprm.data.packing import PackedPRMCollator, group_chain_records, pack_sequences, rope_positions, row_members
 from dreamprm.data.records import load_meta_records, load_train_records
 from dreamprm.model.loading import build_prm
-from dreamprm.model.prm import MODEL_INPUTS, PACKED_INPUTS
+from dreamprm.model.prm import MODEL_KEYS
 from dreamprm.model.processor import load_processor
 
-INPUTS = MODEL_INPUTS + PACKED_INPUTS + ("score_index",)
+INPUTS = MODEL_KEYS
 
 
 def inputs(batch: dict) -> dict:

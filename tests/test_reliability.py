@@ -35,8 +35,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (DEMO, PYTHON, REPO, base_env, exported_tensors, launch_command, read_json, read_scalars,
-                      run_train, small_run_args)
+from conftest import (DEMO, INJECT_FAULTS, PYTHON, REPO, base_env, exported_tensors, launch_command, read_json,
+                      read_scalars, run_train, small_run_args)
 from dreamprm.checkpoint import MANIFEST, complete_checkpoints
 
 N = 10
@@ -45,7 +45,8 @@ STEP_FLAGS = ("--batch_size", "2", "--unroll_steps", str(UNROLL), "--weight_chec
 # Rank 0 alone gets the NaN. AdamW and the mse objective: every applied upper step moves the domain
 # logits, so a skipped one shows (the default gated optimiser stays shut for its first steps, and the
 # pairwise objective has nothing to compare in a meta batch of two chains with the same label).
-FAULTS = ("--inject_nonfinite", "lower:3;upper:2", "--meta_optimizer", "adamw", "--meta_loss", "mse")
+FAULT_PLAN = "lower:3;upper:2"  # tests/inject_faults.py
+FAULTS = ("--meta_optimizer", "adamw", "--meta_loss", "mse")
 EXIT_PREEMPTED = 75
 DEAD_RANK_LIMIT_S = 60
 KILL_STEPS = 6
@@ -152,7 +153,7 @@ def trainer_state(checkpoint: Path) -> dict:
 def reference(tiny_model, tmp_path_factory) -> Path:
     """2 ranks, N steps without interruption; NaN on rank 0 at lower step 3 and upper step 2."""
     out = tmp_path_factory.mktemp("reference")
-    proc = run_train(flags(tiny_model, out, *FAULTS), nproc=2)
+    proc = run_train(flags(tiny_model, out, *FAULTS), nproc=2, faults=FAULT_PLAN)
     (out / "stdout.txt").write_text(proc.stdout)
     return out
 
@@ -180,8 +181,7 @@ def test_nonfinite_updates_are_skipped_on_every_rank_and_counted(reference):
 
 
 def test_too_many_nonfinite_updates_stop_with_a_message_and_a_good_checkpoint(tiny_model, tmp_path):
-    proc = run_train(flags(tiny_model, tmp_path, "--inject_nonfinite", "lower:3,4,5", "--max_bad_steps", "3"),
-                     nproc=2, check=False)
+    proc = run_train(flags(tiny_model, tmp_path, "--max_bad_steps", "3"), nproc=2, check=False, faults="lower:3,4,5")
     assert proc.returncode == 1, proc.stderr[-4000:]
     assert ("error: 3 non-finite lower-level updates in a row at step 5 (--max_bad_steps 3); nothing non-finite "
             "was applied and the last good state is saved in") in proc.stderr
@@ -214,7 +214,8 @@ def preempted(request, tiny_model, tmp_path_factory, reference) -> Preempted:
     """The reference run again, stopped by a signal after 2+ steps, then resumed with --resume auto."""
     base = tmp_path_factory.mktemp(f"preempted_{request.param}")
     out = base / "run"
-    job = Job(flags(tiny_model, out, *FAULTS), 2, base / "logs")
+    args = flags(tiny_model, out, *FAULTS)
+    job = Job(args, 2, base / "logs", command=launch_command(INJECT_FAULTS, [FAULT_PLAN, *args], 2))
     job.wait_for(lambda: job.steps_done() >= 2 and len(job.workers()) == 2, "2 training steps")
     sent = time.monotonic()
     if request.param == "SIGUSR1":
@@ -225,7 +226,7 @@ def preempted(request, tiny_model, tmp_path_factory, reference) -> Preempted:
     stop_s = time.monotonic() - sent
     checkpoints = [c.name for c in complete_checkpoints(out / "checkpoints")]
     left = sorted(str(p.relative_to(out)) for p in out.rglob("*") if "tb" not in p.relative_to(out).parts)
-    resumed = run_train(flags(tiny_model, out, *FAULTS, "--resume", "auto"), nproc=2)
+    resumed = run_train(flags(tiny_model, out, *FAULTS, "--resume", "auto"), nproc=2, faults=FAULT_PLAN)
     print(f"\n{request.param}: torchrun exit {rc} {stop_s:.1f} s after the signal; checkpoints {checkpoints}")
     return Preempted(request.param, out, rc, job.stdout, job.stderr, stop_s, checkpoints, left, resumed)
 

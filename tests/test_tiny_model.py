@@ -7,7 +7,7 @@ from PIL import Image
 from transformers import Qwen2VLForConditionalGeneration
 
 from conftest import DEMO
-from dreamprm.bilevel.upper import model_inputs
+from dreamprm.model.prm import model_inputs
 from dreamprm.data.datasets import PRMCollator, score_positions
 from dreamprm.losses import per_sample_mse
 from dreamprm.model.loading import build_prm

@@ -11,7 +11,7 @@ import torch
 
 from conftest import (DEMO, PYTHON, REPO, base_env, exported_tensors, load_export, read_json, read_scalars,
                       run_train, small_run_args)
-from dreamprm.bilevel.upper import model_inputs
+from dreamprm.model.prm import model_inputs
 from dreamprm.data.datasets import PRMCollator, TrainDataset
 from dreamprm.data.records import load_train_records
 

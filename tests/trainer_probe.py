@@ -21,8 +21,7 @@ and record what its methods compute (tests/test_trainer_paths.py checks the reco
 * ``checksum``: rank 1's domain logits nudged by 1e-6; `run_upper_step` (with
   --weight_check_every 1) must raise on every rank.
 * ``bad_upper``: a NaN in the meta loss of rank 0 at the next --max_bad_steps upper steps
-  (the trainer's own --inject_nonfinite plan); the last one must stop with TrainingAborted
-  after a checkpoint.
+  (tests/inject_faults.py's plan); the last one must stop with TrainingAborted after a checkpoint.
 """
 from __future__ import annotations
 
@@ -35,7 +34,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 FIXED_LOGITS = [0.4, -0.6, 0.9, -0.2, 0.1, 0.3, -0.4, 0.7]  # first K used
 FIXED_WEIGHTS = [0.0, 1.5, 0.5, 2.0, 1.0, 1.0, 1.0, 1.0]  # first K used, renormalised to mean 1 but the 0
@@ -61,9 +60,9 @@ def probe_upper(trainer, record: dict, saved: dict) -> None:
     k = len(trainer.domains)
     with torch.no_grad():
         trainer.domain_weights.logits.copy_(torch.tensor(FIXED_LOGITS[:k], dtype=torch.float64))
-    batches = [trainer.engine.to_device(trainer.next_train_batch()) for _ in range(2)]
+    batches = [trainer.engine.to_device(trainer.train_batches.next()) for _ in range(2)]
     meta_seen, results = [], []
-    next_meta = trainer.next_meta_batch
+    next_meta = trainer.meta_batches.next
 
     def recording_meta_batch():
         batch = next_meta()
@@ -77,16 +76,16 @@ def probe_upper(trainer, record: dict, saved: dict) -> None:
         results.append(result)
         return result
 
-    from dreamprm.bilevel.upper import model_inputs
+    from dreamprm.model.prm import model_inputs
     with torch.no_grad():
         scores_before = trainer.engine.forward(model_inputs(batches[0])).detach().clone()
     before = parameter_state(trainer)
-    trainer.next_meta_batch, trainer_module.upper_step = recording_meta_batch, recording_upper_step
+    trainer.meta_batches.next, trainer_module.upper_step = recording_meta_batch, recording_upper_step
     try:
         trainer.run_upper_step(batches)
     finally:
         trainer_module.upper_step = real_upper_step
-        del trainer.next_meta_batch
+        del trainer.meta_batches.next
     after = parameter_state(trainer)
     with torch.no_grad():
         scores_after = trainer.engine.forward(model_inputs(batches[0])).detach().clone()
@@ -110,13 +109,12 @@ def domain_loss(logits: torch.Tensor, batch: dict, k: int) -> torch.Tensor:
 
 
 def probe_lower(trainer, record: dict) -> None:
-    from dreamprm.bilevel.upper import model_inputs
-    from dreamprm.trainer import Window
+    from dreamprm.model.prm import model_inputs
     engine, k = trainer.engine, len(trainer.domains)
-    micro = engine.module_engine.gradient_accumulation_steps()
+    micro = engine.gradient_accumulation_steps()
     batches = []
     while len(batches) < micro:  # each micro-batch holds domain 0 (the weight-0 domain) and another one
-        batch = trainer.next_train_batch()
+        batch = trainer.train_batches.next()
         if (batch["domain"] == 0).any() and (batch["domain"] != 0).any():
             batches.append(batch)
     weights = torch.tensor(FIXED_WEIGHTS[:k], dtype=torch.float64)
@@ -142,13 +140,13 @@ def probe_lower(trainer, record: dict) -> None:
         real_step()
 
     stream = iter(batches)
-    trainer.next_train_batch = lambda: next(stream)
+    trainer.train_batches.next = lambda: next(stream)
     trainer.domain_weights.forward = lambda: weights.clone()
     engine.step = capturing_step
     try:
-        trainer.lower_step(Window())
+        trainer.lower_step()
     finally:
-        del engine.step, trainer.domain_weights.forward, trainer.next_train_batch
+        del engine.step, trainer.domain_weights.forward, trainer.train_batches.next
     got = captured[-1]
     sums = torch.stack([(got - expected).pow(2).sum(), expected.pow(2).sum(), (uniform - expected).pow(2).sum(),
                         domain0.pow(2).sum(), (got - uniform).pow(2).sum()])
@@ -179,10 +177,11 @@ def probe_checksum(trainer, record: dict, saved: dict) -> None:
 
 
 def probe_bad_upper(trainer, record: dict, saved: dict) -> None:
+    from inject_faults import install
     from dreamprm.trainer import TrainingAborted
     limit = trainer.config.run.max_bad_steps
     first = trainer.state.upper_steps + 1
-    trainer.faults["upper"] = set(range(first, first + limit))
+    install({"lower": set(), "upper": set(range(first, first + limit))})
     before = trainer.domain_weights.logits.detach().clone()
     batches = [trainer.engine.to_device(b) for b in saved["train_batches"]]
     out = {"raised": None, "calls": 0}

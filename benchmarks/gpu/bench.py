@@ -131,7 +131,7 @@ def bf16_matmul_peak(device: torch.device) -> float:
 def original_recipe(model_dir: Path, data_dir: Path, segments: int, device: torch.device, unroll: int = 5,
                     radius: float = 0.01) -> dict:
     """The original's loop, re-implemented: batch 1, bf16 params, full-vocab logits, Betty-style DARTS."""
-    from dreamprm.bilevel.upper import model_inputs
+    from dreamprm.model.prm import model_inputs
     from dreamprm.data.datasets import MetaDataset, PRMCollator, TrainDataset
     from dreamprm.data.records import domain_index, load_meta_records, load_train_records
     from dreamprm.model.loading import load_backbone

@@ -30,11 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
 import torch  # noqa: E402
 
-from dreamprm.bilevel.aggregation import AGGREGATIONS, aggregate_logits  # noqa: E402
-from dreamprm.bilevel.upper import model_inputs  # noqa: E402
+from dreamprm.bilevel.aggregation import AGGREGATIONS, aggregate_logits, meta_loss  # noqa: E402
 from dreamprm.data.datasets import MetaDataset, PRMCollator, TrainDataset  # noqa: E402
 from dreamprm.data.records import domain_index, load_meta_records, load_train_records  # noqa: E402
-from dreamprm.losses import META_LOSSES, chain_meta_loss, meta_loss, per_sample_mse  # noqa: E402
+from dreamprm.losses import META_LOSSES, chain_meta_loss, per_sample_mse  # noqa: E402
+from dreamprm.model.prm import model_inputs  # noqa: E402
 
 
 def load_model(path: str, seed: int):

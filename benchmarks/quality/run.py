@@ -20,7 +20,7 @@ Steps (all on CPU, the tiny Qwen2-VL, fp32, one process per run):
                    learnability check (it must beat a random pick clearly).
    The warm-up is a meta warm-up: the arms share it and differ only afterwards. At random
    initialisation the hypergradient carries no domain signal (`diagnose.py`: per-step SNR ~0.02).
-3. Every trained PRM selects on the test set (`python -m dreamprm.select`); RESULTS.md reports, per
+3. Every trained PRM selects on the test set (`python -m dreamprm.bestofn`); RESULTS.md reports, per
    task, the learned weight of each domain beside its corruption, the Spearman correlation between
    weight and corruption per run (-1: weights fall exactly as corruption rises), the meta loss at the
    end of each DreamPRM run, Best-of-N accuracy of every arm (mean ± std over seeds), and, over every
@@ -204,8 +204,8 @@ def train_command(args, task: Path, model: Path, out: Path, seed: int, *extra: s
             "--log_every", "20", "--save_every_iterations", "1000000", *extra]
 
 
-def select_command(run: Path, task: Path) -> list[str]:
-    return [sys.executable, "-m", "dreamprm.select", "--prm", str(run / "export"), "--candidates",
+def bestofn_command(run: Path, task: Path) -> list[str]:
+    return [sys.executable, "-m", "dreamprm.bestofn", "--prm", str(run / "export"), "--candidates",
             str(task / "test.json"), "--output", str(run / "test_selection.json"),
             "--report", str(run / "test_report.json"), "--device", "cpu"]
 
@@ -245,7 +245,7 @@ def plan(args, root: Path) -> list[Job]:
                     after = (f"warmup-{tag}",)
                 jobs.append(Job(f"{arm}-{tag}", command, after, log=logs / f"{arm}-{tag}.log",
                                 result=run / "export" / "prm_config.json"))
-                jobs.append(Job(f"select-{arm}-{tag}", select_command(run, task), (f"{arm}-{tag}",),
+                jobs.append(Job(f"select-{arm}-{tag}", bestofn_command(run, task), (f"{arm}-{tag}",),
                                 log=logs / f"select-{arm}-{tag}.log", result=run / "test_report.json"))
     # Long jobs first among the ready ones: warm-ups, then the bilevel arms.
     priority = {"warmup": 0, "select": 0, "vanilla": 2, "clean": 3, **{a: 1 for a in BILEVEL_ARMS}}

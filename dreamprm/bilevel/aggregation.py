@@ -13,6 +13,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from dreamprm.config import AGGREGATIONS as NAMES
+from dreamprm.losses import chain_meta_loss
+
 
 def _segment_sum(values: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
     return torch.zeros(n, dtype=values.dtype, device=values.device).index_add(0, index, values)
@@ -69,9 +72,10 @@ def last(logits: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
     return logits[last_row]
 
 
-AGGREGATIONS: dict[str, Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]] = {
-    "mean_logit": mean_logit, "mean": mean, "min": minimum, "max": maximum, "product": product, "last": last,
-}
+# The names are `dreamprm.config.AGGREGATIONS` (--aggregation's choices, without torch), in this order;
+# tests/test_bestofn.py checks each name's function against a hand computation.
+AGGREGATIONS: dict[str, Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]] = dict(
+    zip(NAMES, (mean_logit, mean, minimum, maximum, product, last), strict=True))
 
 
 def aggregate_logits(name: str, logits: torch.Tensor, chain_index: torch.Tensor, num_chains: int) -> torch.Tensor:
@@ -84,3 +88,10 @@ def aggregate_logits(name: str, logits: torch.Tensor, chain_index: torch.Tensor,
 def aggregate(name: str, logits: torch.Tensor, chain_index: torch.Tensor, num_chains: int) -> torch.Tensor:
     """Chain probabilities [num_chains] from step logits [rows]."""
     return torch.sigmoid(aggregate_logits(name, logits, chain_index, num_chains))
+
+
+def meta_loss(step_logits: torch.Tensor, chain_index: torch.Tensor, labels: torch.Tensor,
+              aggregation: str = "mean_logit", objective: str = "mse") -> torch.Tensor:
+    """The upper-level objective of one batch of chains, from their step logits."""
+    chain_logits = aggregate_logits(aggregation, step_logits.float(), chain_index, labels.numel())
+    return chain_meta_loss(chain_logits, labels, objective)

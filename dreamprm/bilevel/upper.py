@@ -1,5 +1,7 @@
 """One upper-level step, top to bottom: meta-gradient → directional derivatives → hypergradient →
-domain-weight update. Returns detached metrics; the trainer logs them.
+domain-weight (and instance-weight) update. `upper_step` comes first and reads as the outline; the
+functions after it are its parts, in the order it calls them. Returns detached metrics; the
+trainer logs them.
 
 It drives the engine through `DistributedEngine`'s methods (duck-typed here: this package does not
 import DeepSpeed). Communication beyond the forward/backward passes: one all-gather of the meta
@@ -18,17 +20,11 @@ import torch
 
 from dreamprm.bilevel import hypergradient as hg
 from dreamprm.bilevel.domain_weights import DomainWeights
+from dreamprm.bilevel.aggregation import aggregate_logits
 from dreamprm.bilevel.instance_weights import InstanceWeights
 from dreamprm.data.datasets import select_rows
-from dreamprm.bilevel.aggregation import aggregate_logits
 from dreamprm.losses import chain_meta_loss, domain_loss_sums, per_sample_mse
-from dreamprm.model.prm import MODEL_INPUTS, PACKED_INPUTS
-
-MODEL_KEYS = MODEL_INPUTS + PACKED_INPUTS + ("score_index",)
-
-
-def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in batch.items() if k in MODEL_KEYS}
+from dreamprm.model.prm import model_inputs
 
 
 @dataclass
@@ -42,15 +38,66 @@ class UpperResult:
     instance: dict[str, float] | None = None  # --weighting instance/both: the table update's summary
 
 
-def meta_gradient(engine: Any, meta_batch: dict[str, torch.Tensor], aggregation: str, objective: str = "mse",
-                  loss_scale: float = 1.0) -> tuple[list[torch.Tensor], float]:
+def upper_step(engine: Any, weights: DomainWeights, meta_optimizer: torch.optim.Optimizer,
+               meta_batch: dict[str, torch.Tensor], train_batches: list[dict[str, torch.Tensor]], *,
+               method: str, radius: float, aggregation: str, objective: str = "mse", geometry: str = "sgd",
+               instance_weights: InstanceWeights | None = None,
+               update_domains: bool = True) -> UpperResult:
+    """One upper step. `train_batches`: the micro-batches whose d_k are averaged (the segment's, or
+    only its last). `geometry` 'adam' takes the inner products as ⟨P ∇S_k, v⟩ with P the PRM
+    optimiser's own diagonal preconditioner, the step AdamW actually takes (DARTS assumes SGD).
+    `instance_weights` (--weighting instance/both; needs a finite-difference `method`): the table is
+    updated from the same two forwards; `update_domains` False leaves the domain logits alone
+    (--weighting instance)."""
+    num_domains = len(weights.names)
+    v, meta_loss_value = meta_gradient(engine, meta_batch, aggregation, objective)
+    if geometry == "adam":
+        preconditioner = engine.adam_preconditioner()
+        if preconditioner is not None:  # None before the PRM's first step: P = I there
+            v = [p * x for p, x in zip(preconditioner, v)]
+    v_norm = math.sqrt(max(float(engine.global_dot(v, v)), 0.0))
+    epsilon = None
+    rows = row_hypergradient = None
+    if method == "exact":
+        if instance_weights is not None:
+            raise ValueError("instance weights need a finite-difference hypergradient (--hypergrad fd)")
+        directional = sum(hg.exact_directional(lambda b=b: exact_domain_dots(engine, b, v, num_domains))
+                          for b in train_batches) / len(train_batches)
+    else:
+        # Instance weights scale the lower loss per record; under 'both' the domain sums carry them.
+        current = None if instance_weights is None else [instance_weights.weights(b["record"]) for b in train_batches]
+        directional, per_record, epsilon = finite_difference(
+            engine, v, train_batches, radius, v_norm, num_domains,
+            current if instance_weights is not None and update_domains else None)
+        if instance_weights is not None:
+            with torch.no_grad():
+                domain_w = weights().detach() if update_domains else None
+            rows, row_hypergradient = instance_update(engine, instance_weights, train_batches, per_record, domain_w)
+    hyper = hg.hypergradient(directional, weights.logit_gradient)
+    # Every value above came out of all-reduces or all-gathers, so every rank takes the same branch.
+    applied = bool(torch.isfinite(hyper).all()) and math.isfinite(meta_loss_value)
+    if row_hypergradient is not None:
+        applied = applied and bool(torch.isfinite(row_hypergradient).all())
+    instance_summary = None
+    if applied:
+        if update_domains:
+            meta_optimizer.zero_grad(set_to_none=True)
+            weights.logits.grad = hyper.to(weights.logits.dtype).clone()
+            meta_optimizer.step()
+        if instance_weights is not None:
+            instance_summary = instance_weights.step(rows, row_hypergradient)
+    return UpperResult(meta_loss=meta_loss_value, directional=directional, hypergradient=hyper,
+                       v_norm=v_norm, epsilon=epsilon, applied=applied, instance=instance_summary)
+
+
+def meta_gradient(engine: Any, meta_batch: dict[str, torch.Tensor], aggregation: str, objective: str = "mse"
+                  ) -> tuple[list[torch.Tensor], float]:
     """v = ∂L_meta/∂θ (this rank's owned elements) and the global meta loss.
 
     The objective is taken over the chains of every rank (a ranking loss pairs chains across
     ranks): the chain logits are all-gathered detached, the loss and its gradient g = ∂L/∂z are
     computed identically on every rank, and each rank back-propagates ⟨g_local, z_local⟩ through
     its own chains. Scaled by the world size, DeepSpeed's gradient averaging then gives ∂L/∂θ.
-    `loss_scale` exists for fault-injection tests (a NaN on one rank must skip the update everywhere).
     """
     logits = engine.forward(model_inputs(meta_batch))
     labels = meta_batch["target"].float()
@@ -58,7 +105,7 @@ def meta_gradient(engine: Any, meta_batch: dict[str, torch.Tensor], aggregation:
     gathered = engine.all_gather(torch.stack([chain_logits.detach(), labels], dim=1).double())
     all_logits = gathered[:, 0].clone().requires_grad_(True)
     with torch.enable_grad():
-        loss = chain_meta_loss(all_logits, gathered[:, 1], objective) * loss_scale
+        loss = chain_meta_loss(all_logits, gathered[:, 1], objective)
         (dloss_dlogits,) = torch.autograd.grad(loss, all_logits)
     n, rank = labels.numel(), engine.info.rank
     local = dloss_dlogits[rank * n:(rank + 1) * n].to(chain_logits.dtype)
@@ -66,19 +113,6 @@ def meta_gradient(engine: Any, meta_batch: dict[str, torch.Tensor], aggregation:
     # Identical on every rank unless one rank's value is not finite: the sum tells all of them.
     total = engine.all_reduce_sum(loss.detach().reshape(1).clone())
     return v, float(total[0]) / engine.info.world_size
-
-
-def per_sample_losses_at(engine: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """This rank's per-sample training losses at the current parameters (no-grad forward)."""
-    with torch.no_grad():
-        logits = engine.forward(model_inputs(batch))
-    return per_sample_mse(logits, batch["target"])
-
-
-def domain_sums_at(engine: Any, batch: dict[str, torch.Tensor], num_domains: int) -> torch.Tensor:
-    """All-reduced per-domain loss sums S_k at the current parameters (no-grad forward)."""
-    sums = domain_loss_sums(per_sample_losses_at(engine, batch), batch["domain"], num_domains).double()
-    return engine.all_reduce_sum(sums)
 
 
 def exact_domain_dots(engine: Any, batch: dict[str, torch.Tensor], v: list[torch.Tensor], num_domains: int) -> torch.Tensor:
@@ -158,53 +192,14 @@ def instance_update(engine: Any, table: InstanceWeights, train_batches: list[dic
     return gathered[:, 0].long(), gathered[:, 1]
 
 
-def upper_step(engine: Any, weights: DomainWeights, meta_optimizer: torch.optim.Optimizer,
-               meta_batch: dict[str, torch.Tensor], train_batches: list[dict[str, torch.Tensor]], *,
-               method: str, radius: float, aggregation: str, objective: str = "mse", geometry: str = "sgd",
-               meta_loss_scale: float = 1.0, instance_weights: InstanceWeights | None = None,
-               update_domains: bool = True) -> UpperResult:
-    """One upper step. `train_batches`: the micro-batches whose d_k are averaged (the segment's, or
-    only its last). `geometry` 'adam' takes the inner products as ⟨P ∇S_k, v⟩ with P the PRM
-    optimiser's own diagonal preconditioner, the step AdamW actually takes (DARTS assumes SGD).
-    `instance_weights` (--weighting instance/both; needs a finite-difference `method`): the table is
-    updated from the same two forwards; `update_domains` False leaves the domain logits alone
-    (--weighting instance)."""
-    num_domains = len(weights.names)
-    v, meta_loss_value = meta_gradient(engine, meta_batch, aggregation, objective, meta_loss_scale)
-    if geometry == "adam":
-        preconditioner = engine.adam_preconditioner()
-        if preconditioner is not None:  # None before the PRM's first step: P = I there
-            v = [p * x for p, x in zip(preconditioner, v)]
-    v_norm = math.sqrt(max(float(engine.global_dot(v, v)), 0.0))
-    epsilon = None
-    rows = row_hypergradient = None
-    if method == "exact":
-        if instance_weights is not None:
-            raise ValueError("instance weights need a finite-difference hypergradient (--hypergrad fd)")
-        directional = sum(hg.exact_directional(lambda b=b: exact_domain_dots(engine, b, v, num_domains))
-                          for b in train_batches) / len(train_batches)
-    else:
-        # Instance weights scale the lower loss per record; under 'both' the domain sums carry them.
-        current = None if instance_weights is None else [instance_weights.weights(b["record"]) for b in train_batches]
-        directional, per_record, epsilon = finite_difference(
-            engine, v, train_batches, radius, v_norm, num_domains,
-            current if instance_weights is not None and update_domains else None)
-        if instance_weights is not None:
-            with torch.no_grad():
-                domain_w = weights().detach() if update_domains else None
-            rows, row_hypergradient = instance_update(engine, instance_weights, train_batches, per_record, domain_w)
-    hyper = hg.hypergradient(directional, weights.logit_gradient)
-    # Every value above came out of all-reduces or all-gathers, so every rank takes the same branch.
-    applied = bool(torch.isfinite(hyper).all()) and math.isfinite(meta_loss_value)
-    if row_hypergradient is not None:
-        applied = applied and bool(torch.isfinite(row_hypergradient).all())
-    instance_summary = None
-    if applied:
-        if update_domains:
-            meta_optimizer.zero_grad(set_to_none=True)
-            weights.logits.grad = hyper.to(weights.logits.dtype).clone()
-            meta_optimizer.step()
-        if instance_weights is not None:
-            instance_summary = instance_weights.step(rows, row_hypergradient)
-    return UpperResult(meta_loss=meta_loss_value, directional=directional, hypergradient=hyper,
-                       v_norm=v_norm, epsilon=epsilon, applied=applied, instance=instance_summary)
+def per_sample_losses_at(engine: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """This rank's per-sample training losses at the current parameters (no-grad forward)."""
+    with torch.no_grad():
+        logits = engine.forward(model_inputs(batch))
+    return per_sample_mse(logits, batch["target"])
+
+
+def domain_sums_at(engine: Any, batch: dict[str, torch.Tensor], num_domains: int) -> torch.Tensor:
+    """All-reduced per-domain loss sums S_k at the current parameters (no-grad forward)."""
+    sums = domain_loss_sums(per_sample_losses_at(engine, batch), batch["domain"], num_domains).double()
+    return engine.all_reduce_sum(sums)

@@ -1,7 +1,9 @@
 """Reading and validating DreamPRM's record files before any training starts.
 
 Every problem is reported as ``FILE:record N: field: what is wrong`` (records counted from 0, as
-the JSON list indexes them), all of them at once up to a cap, in one `DataValidationError`.
+the JSON list indexes them), all of them at once up to a cap, in one `DataValidationError`. The
+validators that build those lines (`record_location`, `check_fields`, `check_step_markers`,
+`resolve_image`, `check_duplicates`) are public: Best-of-N candidates (`dreamprm.bestofn`) use them.
 
 Training records (lower level): ``input``, ``add``, ``image_path``, ``dataset``, ``accuracy``;
 optional ``id``, ``sid``, ``ground_truth``, ``score``, ``times``. Model text: ``input + "\\n\\n" + add``.
@@ -128,8 +130,13 @@ def load_image(path: Path, max_side: int = 512) -> Image.Image:
     return image
 
 
-def _check_fields(record: Any, where: str, spec: dict[str, tuple[type | tuple[type, ...], bool]],
-                  problems: list[str]) -> bool:
+def record_location(path: str | Path, index: int) -> str:
+    """``FILE:record N``: how every problem names a record (N counted from 0)."""
+    return f"{path}:record {index}"
+
+
+def check_fields(record: Any, where: str, spec: dict[str, tuple[type | tuple[type, ...], bool]],
+                 problems: list[str]) -> bool:
     """Type-check the fields in `spec` (name -> (types, required)); False when unusable."""
     if not isinstance(record, dict):
         problems.append(f"{where}: record: must be a JSON object, found {type(record).__name__}")
@@ -167,7 +174,16 @@ _TRAIN_FIELDS = {
 _META_FIELDS = {"input": (str, True), "image_path": (str, True), "true_false": (bool, True), "id": ((str, int), False)}
 
 
-def _resolve_image(record: dict, where: str, root: Path, images: ImageChecker, problems: list[str]) -> Path | None:
+def check_step_markers(text: str, where: str, field: str, problems: list[str]) -> list[str]:
+    """The step prefixes of a chain of thought; none (and a problem) when it has no step markers."""
+    prefixes = split_step_prefixes(text)
+    if not prefixes:
+        problems.append(f"{where}: {field}: no step markers ('Step 1:', 'Step 2:', ...) in the chain of thought")
+    return prefixes
+
+
+def resolve_image(record: dict, where: str, root: Path, images: ImageChecker, problems: list[str]) -> Path | None:
+    """The record's ``image_path`` (relative to `root` unless absolute), checked; None after a problem."""
     path = Path(record["image_path"])
     if not record["image_path"].strip():
         problems.append(f"{where}: image_path: is empty")
@@ -186,14 +202,14 @@ def _load(path: str | Path, image_root: str | Path | None, build: Callable[..., 
     root = Path(image_root) if image_root else path.parent
     out = []
     for index, record in enumerate(read_json_records(path, problems)):
-        item = build(record, f"{path}:record {index}", root, images, problems)
+        item = build(record, record_location(path, index), root, images, problems)
         if item is not None:
             out.append(item)
     return out
 
 
 def _build_train(record: Any, where: str, root: Path, images: ImageChecker, problems: list[str]) -> TrainRecord | None:
-    if not _check_fields(record, where, _TRAIN_FIELDS, problems):
+    if not check_fields(record, where, _TRAIN_FIELDS, problems):
         return None
     ok = True
     accuracy = record["accuracy"]  # no float() yet: a huge JSON integer would overflow it
@@ -206,7 +222,7 @@ def _build_train(record: Any, where: str, root: Path, images: ImageChecker, prob
     if not (record["input"] + record["add"]).strip():
         problems.append(f"{where}: input: the text (input + add) is empty")
         ok = False
-    image = _resolve_image(record, where, root, images, problems)
+    image = resolve_image(record, where, root, images, problems)
     if not ok or image is None:
         return None
     chain_id = record.get("id")
@@ -216,12 +232,10 @@ def _build_train(record: Any, where: str, root: Path, images: ImageChecker, prob
 
 
 def _build_meta(record: Any, where: str, root: Path, images: ImageChecker, problems: list[str]) -> MetaRecord | None:
-    if not _check_fields(record, where, _META_FIELDS, problems):
+    if not check_fields(record, where, _META_FIELDS, problems):
         return None
-    prefixes = split_step_prefixes(record["input"])
-    if not prefixes:
-        problems.append(f"{where}: input: no step markers ('Step 1:', 'Step 2:', ...) in the chain of thought")
-    image = _resolve_image(record, where, root, images, problems)
+    prefixes = check_step_markers(record["input"], where, "input", problems)
+    image = resolve_image(record, where, root, images, problems)
     if not prefixes or image is None:
         return None
     chain_id = record.get("id")
@@ -229,7 +243,8 @@ def _build_meta(record: Any, where: str, root: Path, images: ImageChecker, probl
                       chain_id=None if chain_id is None else str(chain_id), source=where)
 
 
-def _check_duplicates(items: Iterable[tuple[Any, str]], field: str, problems: list[str]) -> None:
+def check_duplicates(items: Iterable[tuple[Any, str]], field: str, problems: list[str]) -> None:
+    """``WHERE: field: duplicate of FIRST`` for every repeated key of (key, where) pairs; None keys are skipped."""
     first_seen: dict[Any, str] = {}
     for key, where in items:
         if key is None:
@@ -248,7 +263,7 @@ def load_train_records(path: str | Path, image_root: str | Path | None = None, *
     problems = [] if problems is None else problems
     records = _load(path, image_root, _build_train, problems, images or ImageChecker())
     # Records of one chain share an `id`; the pair (id, sid) names one step prefix.
-    _check_duplicates((((r.chain_id, r.step_index) if r.step_index is not None else None, r.source)
+    check_duplicates((((r.chain_id, r.step_index) if r.step_index is not None else None, r.source)
                        for r in records if r.chain_id is not None), "sid", problems)
     if domains is not None:
         known = set(domains)
@@ -271,7 +286,7 @@ def load_meta_records(path: str | Path, image_root: str | Path | None = None, *,
     collect = problems is not None
     problems = [] if problems is None else problems
     records = _load(path, image_root, _build_meta, problems, images or ImageChecker())
-    _check_duplicates(((r.chain_id, r.source) for r in records), "id", problems)
+    check_duplicates(((r.chain_id, r.source) for r in records), "id", problems)
     if not records and not problems:
         problems.append(f"{path}: file: contains no records")
     if problems and not collect:

@@ -171,6 +171,9 @@ class DistributedEngine:
         self.drop_gradients()
         self.module_engine.micro_steps += 1
 
+    def gradient_accumulation_steps(self) -> int:
+        return self.module_engine.gradient_accumulation_steps()
+
     def is_accumulation_boundary(self) -> bool:
         return self.module_engine.is_gradient_accumulation_boundary()
 

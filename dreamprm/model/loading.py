@@ -19,11 +19,9 @@ from transformers import AutoModelForImageTextToText
 from transformers.utils import logging as hf_logging
 
 from dreamprm.config import ConfigError
+from dreamprm.model.export_files import BACKBONE_WEIGHTS, HEAD_FILE, PRM_CONFIG
 from dreamprm.model.prm import HeadType, ProcessRewardModel
 from dreamprm.model.processor import ImageOnlyQwen2VLProcessor, load_processor
-
-PRM_CONFIG = "prm_config.json"
-HEAD_FILE = "score_head.safetensors"
 
 hf_logging.disable_progress_bar()
 
@@ -82,7 +80,7 @@ def export_prm(out_dir: str | Path, state_dict: dict[str, torch.Tensor], model: 
     backbone = {k[len("backbone."):]: v.detach().clone().contiguous() for k, v in state_dict.items() if k.startswith("backbone.")}
     head = {k[len("score_head."):]: v.detach().clone().contiguous() for k, v in state_dict.items() if k.startswith("score_head.")}
     model.backbone.config.save_pretrained(out_dir)
-    save_file(backbone, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    save_file(backbone, str(out_dir / BACKBONE_WEIGHTS), metadata={"format": "pt"})
     save_file(head, str(out_dir / HEAD_FILE), metadata={"format": "pt"})
     processor.save_pretrained(out_dir)
     processor.tokenizer.save_pretrained(out_dir)

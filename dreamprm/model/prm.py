@@ -29,7 +29,13 @@ from torch import nn
 HeadType = Literal["logits", "hidden"]
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
 PACKED_INPUTS = ("position_ids", "packed_visible", "packed_branch_start", "score_row")
+MODEL_KEYS = MODEL_INPUTS + PACKED_INPUTS + ("score_index",)  # every batch key the PRM's forward reads
 MASKED_ATTENTION = ("sdpa", "eager")
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The keys of a collated batch that `ProcessRewardModel.forward` takes."""
+    return {k: v for k, v in batch.items() if k in MODEL_KEYS}
 
 
 def packed_attention_mask(visible: torch.Tensor, branch_start: torch.Tensor, implementation: str,

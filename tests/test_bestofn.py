@@ -1,4 +1,4 @@
-"""Best-of-N selection and evaluation (`dreamprm.select`, `launch/select.py`).
+"""Best-of-N selection and evaluation (`dreamprm.bestofn`, `launch/bestofn.py`).
 
 Most tests substitute a scorer with fixed step logits, so selections and accuracies are known by
 hand. The end-to-end tests export a tiny random PRM and run the real command lines on the demo:
@@ -23,9 +23,13 @@ from PIL import Image
 from dreamprm.bilevel.aggregation import AGGREGATIONS
 from dreamprm.data.records import DataValidationError, load_meta_records
 from dreamprm.data.steps import split_step_prefixes
-from dreamprm.select import (EXIT_USER_ERROR, Candidate, ModelScorer, Question, SelectConfig, best_index,
-                             candidate_subsets, chain_scores, evaluate, load_candidates, main, majority_vote,
-                             normalize_answer, parse_args, rank_slice, resolve_prm_dir, run, select, subset_sizes)
+from dreamprm.bestofn.candidates import Candidate, Question, load_candidates, normalize_answer
+from dreamprm.bestofn.config import BestOfNConfig, parse_args
+from dreamprm.bestofn.evaluation import candidate_subsets, evaluate, subset_sizes
+from dreamprm.bestofn.run import main, rank_slice, run
+from dreamprm.bestofn.scorer import ModelScorer, resolve_prm_dir
+from dreamprm.bestofn.selection import best_index, chain_scores, majority_vote, select
+from dreamprm.config import EXIT_USER_ERROR
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_CANDIDATES = REPO / "data" / "demo" / "candidates.json"
@@ -71,7 +75,7 @@ def sig(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x))
 
 
-def config(tmp_path: Path, candidates: Path, *extra: str) -> SelectConfig:
+def config(tmp_path: Path, candidates: Path, *extra: str) -> BestOfNConfig:
     return parse_args(["--prm", str(tmp_path / "no-prm"), "--candidates", str(candidates),
                        "--output", str(tmp_path / "out.json"), *extra])
 
@@ -382,7 +386,7 @@ def test_demo_end_to_end_one_process_and_two_ranks(exported_prm, tmp_path):
     demo = json.loads(DEMO_CANDIDATES.read_text())
     single, multi = tmp_path / "single.json", tmp_path / "multi.json"
     args = ["--prm", str(exported_prm), "--candidates", str(DEMO_CANDIDATES), "--batch_size", "7", "--device", "cpu"]
-    done = subprocess.run([sys.executable, "-m", "dreamprm.select", *args, "--output", str(single)],
+    done = subprocess.run([sys.executable, "-m", "dreamprm.bestofn", *args, "--output", str(single)],
                           cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "oracle" in done.stdout and f"selection written to {single}" in done.stdout
@@ -407,7 +411,7 @@ def test_demo_end_to_end_one_process_and_two_ranks(exported_prm, tmp_path):
                                                              for r in demo) / len(demo))
 
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "launch/select.py", *args, "--output", str(multi)],
+                           "launch/bestofn.py", *args, "--output", str(multi)],
                           cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("selection written to") == 1  # rank 0 only

@@ -1,0 +1,111 @@
+"""The exported PRM as a scorer: its folder checked before anything loads, then step logits for
+every step prefix of every candidate.
+
+A scorer maps questions to step logits, ``[question][candidate][step]``; tests substitute their own
+(`StepScorer`). `ModelScorer` runs the PRM in float32 and packs each chain into one sequence by
+default (``packing='chain'``, scores equal to one prefix at a time: data/README.md).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from dreamprm.bestofn.candidates import Question
+from dreamprm.data.packing import make_collator
+from dreamprm.data.records import DataValidationError, load_image
+from dreamprm.model.export_files import BACKBONE_FILES, HEAD_FILE, PRM_CONFIG
+from dreamprm.model.prm import MODEL_KEYS
+
+
+def resolve_prm_dir(path: str | Path, problems: list[str]) -> tuple[Path, dict[str, Any]]:
+    """The exported PRM directory and its prm_config.json; problems are appended, not raised."""
+    path = Path(path)
+    if (path / "export" / PRM_CONFIG).is_file() and not (path / PRM_CONFIG).exists():
+        path = path / "export"  # a training run folder
+    if not path.exists():
+        problems.append(f"--prm {path}: no such directory")
+        return path, {}
+    if not path.is_dir():
+        problems.append(f"--prm {path}: not a directory (pass an exported PRM: runs/<run>/export)")
+        return path, {}
+    if not (path / PRM_CONFIG).is_file():
+        # A run folder, its checkpoints/ folder, or one checkpoint (DeepSpeed shards; not read here).
+        if (path / "manifest.json").is_file() or (path / "checkpoints").is_dir() or any(path.glob("step_*")):
+            problems.append(f"--prm {path}: a training run or checkpoint, not an exported PRM; pass the run's "
+                            "export/ folder (training writes it at the end unless --no-export)")
+        else:
+            problems.append(f"--prm {path}: {PRM_CONFIG} is missing, so this is not an exported PRM "
+                            "(training writes one to runs/<run>/export)")
+        return path, {}
+    meta: Any = None
+    try:
+        meta = json.loads((path / PRM_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as err:
+        problems.append(f"--prm {path}: {PRM_CONFIG} cannot be read ({err.__class__.__name__}: {err})")
+    except json.JSONDecodeError as err:
+        problems.append(f"--prm {path}: {PRM_CONFIG}: invalid JSON ({err.msg} at line {err.lineno} column {err.colno})")
+    else:
+        if not isinstance(meta, dict):
+            problems.append(f"--prm {path}: {PRM_CONFIG}: must be a JSON object, found {type(meta).__name__}")
+        elif meta.get("head") not in ("logits", "hidden"):
+            problems.append(f"--prm {path}: {PRM_CONFIG}: head: must be 'logits' or 'hidden', "
+                            f"found {meta.get('head')!r}")
+    for name in (HEAD_FILE, "config.json"):
+        if not (path / name).is_file():
+            problems.append(f"--prm {path}: {name} is missing")
+    if not any((path / name).is_file() for name in BACKBONE_FILES):
+        problems.append(f"--prm {path}: backbone weights are missing (expected {' or '.join(BACKBONE_FILES)})")
+    return path, meta if isinstance(meta, dict) else {}
+
+
+# A scorer maps questions to step logits: [question][candidate][step]. Tests substitute their own.
+StepScorer = Callable[[Sequence[Question]], list[list[list[float]]]]
+
+
+class ModelScorer:
+    """Step logits from the PRM, `batch_size` chains (all their step prefixes) per forward pass;
+    ``packing`` 'chain' puts each chain in one row (`dreamprm.data.packing`), 'none' each prefix."""
+
+    def __init__(self, model: torch.nn.Module, processor: Any, device: torch.device, batch_size: int,
+                 max_image_side: int, packing: str = "chain"):
+        self.model = model.float().eval()  # fp32: selection compares scores that may be close
+        self.collator = make_collator(processor, packing)
+        self.device = device
+        self.batch_size = batch_size
+        self.max_image_side = max_image_side
+
+    @classmethod
+    def from_export(cls, path: str | Path, device: torch.device, batch_size: int, max_image_side: int,
+                    packing: str = "chain") -> "ModelScorer":
+        from dreamprm.model.loading import load_exported_prm
+        try:
+            model, processor, _ = load_exported_prm(path, dtype=torch.float32, device=device)
+        except Exception as err:  # a damaged file can fail in safetensors, json, transformers, ...
+            raise DataValidationError([f"--prm {path}: cannot be loaded ({err.__class__.__name__}: {err})"]) from err
+        return cls(model, processor, device, batch_size, max_image_side, packing)
+
+    def _inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # The one place tensors move to the device.
+        keys = MODEL_KEYS
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if k in keys}
+
+    @torch.no_grad()
+    def __call__(self, questions: Sequence[Question]) -> list[list[list[float]]]:
+        chains = [(q, c) for q in range(len(questions)) for c in range(len(questions[q].candidates))]
+        out: list[list[list[float]]] = [[[] for _ in q.candidates] for q in questions]
+        images: dict[int, Any] = {}
+        for start in range(0, len(chains), self.batch_size):
+            chunk = chains[start:start + self.batch_size]
+            # The N chains of a question share its image: load it once, keep it while it is needed.
+            images = {q: images[q] if q in images else load_image(questions[q].image_path, self.max_image_side)
+                      for q, _ in chunk}
+            items = [{"image": images[q], "texts": list(questions[q].candidates[c].prefixes), "domain": -1,
+                      "target": 0.0} for q, c in chunk]
+            batch = self.collator(items)
+            logits = self.model(**self._inputs(batch)).float().cpu()  # (prefixes,)
+            for k, (q, c) in enumerate(chunk):
+                out[q][c] = logits[batch["item_index"] == k].tolist()
+        return out
