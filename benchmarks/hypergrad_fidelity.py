@@ -115,6 +115,25 @@ def objective_grid(engine, info, args, model_dir, train, meta, full_train, full_
     return grid
 
 
+def fidelity_engine(reward_model: str, head: str, deepspeed_file: str, precision: str, global_batch: int, seed: int):
+    """(rank info, the PRM in a real DeepSpeed engine, its processor, the model folder) for these scripts."""
+    from dreamprm.build import PRECISIONS, resolve_reward_model
+    from dreamprm.distributed.engine import DistributedEngine, init_distributed, partitioned_construction
+    from dreamprm.model.loading import build_prm
+    from dreamprm.model.processor import load_processor
+
+    info = init_distributed("auto")
+    model_dir = resolve_reward_model(reward_model, info.rank)
+    config = TrainConfig()
+    config.optim.batch_size = global_batch // info.world_size
+    config.optim.precision = precision
+    ds = resolve_ds_config(load_ds_config(deepspeed_file), config, world_size=info.world_size,
+                           on_gpu=info.device.type == "cuda")
+    with partitioned_construction(ds):
+        model = build_prm(model_dir, head, seed=seed, dtype=PRECISIONS[precision])
+    return info, DistributedEngine(model, ds, info), load_processor(model_dir), model_dir
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reward_model", default="tiny")
@@ -137,23 +156,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=None, help="JSON results (rank 0)")
     args = p.parse_args(argv)
 
-    from dreamprm.distributed.engine import DistributedEngine, init_distributed, partitioned_construction, shutdown
-    from dreamprm.model.loading import build_prm
-    from dreamprm.model.processor import load_processor
-    from dreamprm.build import resolve_reward_model
+    from dreamprm.distributed.engine import shutdown
 
-    info = init_distributed("auto")
-    model_dir = resolve_reward_model(args.reward_model, info.rank)
+    info, engine, processor, model_dir = fidelity_engine(args.reward_model, args.head, args.deepspeed, args.precision,
+                                                         args.global_batch, args.seed)
     world = info.world_size
-    config = TrainConfig()
-    config.optim.batch_size = args.global_batch // world
-    config.optim.precision = args.precision
-    ds = resolve_ds_config(load_ds_config(args.deepspeed), config, world_size=world, on_gpu=info.device.type == "cuda")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.precision]
-    with partitioned_construction(ds):
-        model = build_prm(model_dir, args.head, seed=args.seed, dtype=dtype)
-    engine = DistributedEngine(model, ds, info)
-    processor = load_processor(model_dir)
     domains, train, meta, full_train, full_meta = fixed_batches(
         args.train_json_file, args.meta_json_file, processor, args.global_batch, args.meta_global, info.rank, world)
     k = len(domains)

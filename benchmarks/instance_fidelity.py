@@ -24,11 +24,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from benchmarks.hypergrad_fidelity import cosine, fixed_batches, rel_error  # noqa: E402
+from benchmarks.hypergrad_fidelity import cosine, fidelity_engine, fixed_batches, rel_error  # noqa: E402
 from dreamprm.bilevel.instance_weights import InstanceWeights  # noqa: E402
-from dreamprm.bilevel.upper import finite_difference, instance_update, meta_gradient, model_inputs  # noqa: E402
-from dreamprm.config import DEMO_DIR, REPO_ROOT, TrainConfig, load_ds_config, resolve_ds_config  # noqa: E402
+from dreamprm.bilevel.upper import finite_difference, instance_update, meta_gradient  # noqa: E402
+from dreamprm.config import DEMO_DIR, REPO_ROOT  # noqa: E402
 from dreamprm.losses import per_sample_mse  # noqa: E402
+from dreamprm.model.prm import model_inputs  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -48,22 +49,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default=None, help="JSON results (rank 0)")
     args = p.parse_args(argv)
 
-    from dreamprm.distributed.engine import DistributedEngine, init_distributed, partitioned_construction, shutdown
-    from dreamprm.model.loading import build_prm
-    from dreamprm.model.processor import load_processor
-    from dreamprm.trainer import resolve_reward_model
+    from dreamprm.distributed.engine import shutdown
 
-    info = init_distributed("auto")
-    model_dir = resolve_reward_model(args.reward_model, info.rank)
+    info, engine, processor, model_dir = fidelity_engine(args.reward_model, args.head, args.deepspeed, "fp32",
+                                                         args.global_batch, args.seed)
     world = info.world_size
-    config = TrainConfig()
-    config.optim.batch_size = args.global_batch // world
-    config.optim.precision = "fp32"
-    ds = resolve_ds_config(load_ds_config(args.deepspeed), config, world_size=world, on_gpu=info.device.type == "cuda")
-    with partitioned_construction(ds):
-        model = build_prm(model_dir, args.head, seed=args.seed, dtype=torch.float32)
-    engine = DistributedEngine(model, ds, info)
-    processor = load_processor(model_dir)
     domains, train, meta, full_train, full_meta = fixed_batches(
         args.train_json_file, args.meta_json_file, processor, args.global_batch, args.meta_global, info.rank, world)
     k = len(domains)
