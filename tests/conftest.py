@@ -2,7 +2,9 @@
 trainer in 1 or more processes (torchrun, as users do; DeepSpeed, gloo, CPU)."""
 from __future__ import annotations
 
+import contextlib
 import json
+import multiprocessing.process
 import os
 import socket
 import subprocess
@@ -20,6 +22,70 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(REPO))  # benchmarks/
 
 
+# ------------------------------------------------------------------------------------ test tiers
+# `pytest -m "not slow"` is the fast tier: in-process tests only. A test that starts a process (or
+# whose fixtures do) must say so with `slow` (pytest.ini): while a test that is not marked slow sets
+# up and runs, starting a process fails it with the reason (not while it tears down: the last test
+# of a module or session also finalises the fixtures of the slow tests before it, e.g. stops Slurm).
+# The finer markers (which kind of slow test) need `slow` beside them, checked at collection.
+KIND_MARKERS = ("multiprocess", "launcher", "slurm", "benchmark", "browser")
+
+
+class ProcessOutsideSlowTier(AssertionError):
+    """A test not marked slow started a process."""
+
+
+def pytest_collection_modifyitems(config, items):
+    unmarked = [item.nodeid for item in items
+                if item.get_closest_marker("slow") is None
+                and any(item.get_closest_marker(kind) for kind in KIND_MARKERS)]
+    if unmarked:
+        raise pytest.UsageError(f"marked {'/'.join(KIND_MARKERS)} but not slow (add pytest.mark.slow): "
+                                + ", ".join(unmarked[:10]))
+
+
+@contextlib.contextmanager
+def processes_refused(nodeid: str):
+    """Make subprocess, os.system/posix_spawn and multiprocessing raise ProcessOutsideSlowTier."""
+    def refuse(what):
+        def refused(*args, **kwargs):
+            raise ProcessOutsideSlowTier(
+                f"{nodeid} starts a process ({what}: {str(args[1:2] or args[:1])[:200]}) but is not marked "
+                "slow: mark the test or its module with pytest.mark.slow (pytest.ini), or keep it in process")
+        return refused
+
+    patches = [(subprocess.Popen, "_execute_child", refuse("subprocess")), (os, "system", refuse("os.system")),
+               (os, "posix_spawn", refuse("os.posix_spawn")), (os, "posix_spawnp", refuse("os.posix_spawnp")),
+               (multiprocessing.process.BaseProcess, "start", refuse("multiprocessing"))]
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+    for owner, name, replacement in patches:
+        setattr(owner, name, replacement)
+    try:
+        yield
+    finally:
+        for owner, name, original in saved:
+            setattr(owner, name, original)
+
+
+def _tier_guard(item):
+    if item.get_closest_marker("slow") is not None:
+        return contextlib.nullcontext()
+    return processes_refused(item.nodeid)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item):
+    with _tier_guard(item):
+        yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    with _tier_guard(item):
+        yield
+
+
+# ---------------------------------------------------------------------------------- helpers
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

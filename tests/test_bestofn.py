@@ -382,6 +382,8 @@ def test_damaged_export_is_a_user_error(exported_prm, tmp_path):
         ModelScorer.from_export(damaged, torch.device("cpu"), batch_size=1, max_image_side=512)
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_demo_end_to_end_one_process_and_two_ranks(exported_prm, tmp_path):
     demo = json.loads(DEMO_CANDIDATES.read_text())
     single, multi = tmp_path / "single.json", tmp_path / "multi.json"

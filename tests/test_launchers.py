@@ -35,6 +35,8 @@ ITERATIONS = 12
 RUN_TIMEOUT_S = 300
 ROOT_MPI = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
 
+pytestmark = [pytest.mark.slow, pytest.mark.launcher, pytest.mark.multiprocess]
+
 
 def train_args(model: Path, out: Path, *extra: str) -> list[str]:
     return ["--reward_model", str(model), "--weights_path", str(out), "--precision", "fp32",

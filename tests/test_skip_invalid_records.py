@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from conftest import DEMO, run_train, small_run_args
 from dreamprm.build import reason_counts, split_record_problems
 
@@ -33,6 +35,7 @@ def _meta_with_bare_questions(path, bare: int):
     return len(meta)
 
 
+@pytest.mark.slow
 def test_invalid_records_are_refused_by_default_and_skipped_and_listed_on_request(tiny_model, tmp_path):
     meta_file = tmp_path / "meta.json"
     valid = _meta_with_bare_questions(meta_file, 5)

@@ -17,6 +17,8 @@ from dreamprm.data.records import load_train_records
 
 SHORT = ["--iteration_num", "8", "--unroll_steps", "2", "--hypergrad", "exact"]
 
+pytestmark = [pytest.mark.slow]
+
 
 @pytest.fixture(scope="module")
 def one_rank(tiny_model, tmp_path_factory):
@@ -32,6 +34,7 @@ def two_ranks(tiny_model, tmp_path_factory):
     return out
 
 
+@pytest.mark.multiprocess
 def test_two_ranks_match_one_rank_on_the_same_global_batches(one_rank, two_ranks):
     assert read_json(one_rank / "config.json")["world_size"] == 1
     assert read_json(two_ranks / "config.json")["world_size"] == 2
@@ -48,6 +51,7 @@ def test_two_ranks_match_one_rank_on_the_same_global_batches(one_rank, two_ranks
     assert la == pytest.approx(lb, rel=1e-4)
 
 
+@pytest.mark.multiprocess
 def test_tensorboard_has_the_lower_and_upper_level_scalars(two_ranks):
     scalars = read_scalars(two_ranks / "tb")
     expected = {"train/loss", "train/weighted_loss", "train/lr", "perf/samples_per_s", "perf/tokens_per_s",
@@ -130,6 +134,7 @@ def test_export_reloads_without_deepspeed_and_scores_like_the_engine(tiny_model,
     torch.testing.assert_close(logits, torch.tensor(engine["logits"]), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.multiprocess
 def test_two_ranks_learn_a_learnable_domain(tiny_model, tmp_path):
     records = [r for r in read_json(DEMO / "train.json") if r["dataset"] == "clean"]
     train = tmp_path / "clean.json"

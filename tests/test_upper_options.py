@@ -8,6 +8,8 @@ import torch
 
 from conftest import read_json, read_scalars, run_train, small_run_args
 
+pytestmark = [pytest.mark.slow]
+
 BASE = ["--iteration_num", "2", "--unroll_steps", "2", "--batch_size", "8", "--meta_batch_size", "4",
         "--no-export"]
 
