@@ -129,6 +129,14 @@ def run_train(args: list[str], nproc: int = 1, timeout: int = 600, check: bool =
     return proc
 
 
+def run_trains(runs: list[dict], workers: int = 2) -> list[subprocess.CompletedProcess]:
+    """run_train(**kwargs) for each of `runs`, `workers` at a time: independent 1-rank runs (one thread
+    each) fill both cores instead of one; results in the order given, the first failure raised."""
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(lambda kwargs: run_train(**kwargs), runs))
+
+
 def load_export(path: str | Path):
     from dreamprm.model.loading import load_exported_prm
     return load_exported_prm(path)
@@ -141,6 +149,18 @@ def exported_tensors(path: str | Path) -> dict:
     tensors = {f"backbone.{k}": v for k, v in load_file(str(path / "model.safetensors")).items()}
     tensors.update({f"score_head.{k}": v for k, v in load_file(str(path / "score_head.safetensors")).items()})
     return tensors
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """In-process tests compute on one thread, as each rank of the trainer does (OMP_NUM_THREADS=1): the
+    tiny model gains nothing from a second one, and on a loaded 2-core machine torch's thread pool made
+    in-process tests 10-20x slower (tests/test_packing.py; the K-step unroll test: 4 s idle, 58 s loaded)."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
