@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up everything DreamPRM-DS needs on a fresh Debian/Ubuntu machine, idempotently:
-#   system packages (as root): Open MPI for mpi4py; Slurm + munge and Chromium for the tests;
+#   system packages (as root): Open MPI for mpi4py; Slurm + munge, Chromium, and openssh-server + pdsh
+#   (the tests start a private sshd of their own for `deepspeed --hostfile`) for the tests;
 #   a virtual environment in .venv with torch (CPU build pinned where there is no GPU), then the
 #   package and its test extras.
 # Usage: bash .ci/setup.sh            (then use .venv/bin/python, .venv/bin/deepspeed)
@@ -8,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   need=()
-  for pkg in libopenmpi-dev openmpi-bin slurmctld slurmd slurm-client munge chromium; do
+  for pkg in libopenmpi-dev openmpi-bin slurmctld slurmd slurm-client munge chromium openssh-server pdsh; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
   done
   if [ ${#need[@]} -gt 0 ]; then

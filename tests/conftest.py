@@ -2,7 +2,9 @@
 trainer in 1 or more processes (torchrun, as users do; DeepSpeed, gloo, CPU)."""
 from __future__ import annotations
 
+import contextlib
 import json
+import multiprocessing.process
 import os
 import socket
 import subprocess
@@ -20,6 +22,70 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(REPO))  # benchmarks/
 
 
+# ------------------------------------------------------------------------------------ test tiers
+# `pytest -m "not slow"` is the fast tier: in-process tests only. A test that starts a process (or
+# whose fixtures do) must say so with `slow` (pytest.ini): while a test that is not marked slow sets
+# up and runs, starting a process fails it with the reason (not while it tears down: the last test
+# of a module or session also finalises the fixtures of the slow tests before it, e.g. stops Slurm).
+# The finer markers (which kind of slow test) need `slow` beside them, checked at collection.
+KIND_MARKERS = ("multiprocess", "launcher", "slurm", "benchmark", "browser")
+
+
+class ProcessOutsideSlowTier(AssertionError):
+    """A test not marked slow started a process."""
+
+
+def pytest_collection_modifyitems(config, items):
+    unmarked = [item.nodeid for item in items
+                if item.get_closest_marker("slow") is None
+                and any(item.get_closest_marker(kind) for kind in KIND_MARKERS)]
+    if unmarked:
+        raise pytest.UsageError(f"marked {'/'.join(KIND_MARKERS)} but not slow (add pytest.mark.slow): "
+                                + ", ".join(unmarked[:10]))
+
+
+@contextlib.contextmanager
+def processes_refused(nodeid: str):
+    """Make subprocess, os.system/posix_spawn and multiprocessing raise ProcessOutsideSlowTier."""
+    def refuse(what):
+        def refused(*args, **kwargs):
+            raise ProcessOutsideSlowTier(
+                f"{nodeid} starts a process ({what}: {str(args[1:2] or args[:1])[:200]}) but is not marked "
+                "slow: mark the test or its module with pytest.mark.slow (pytest.ini), or keep it in process")
+        return refused
+
+    patches = [(subprocess.Popen, "_execute_child", refuse("subprocess")), (os, "system", refuse("os.system")),
+               (os, "posix_spawn", refuse("os.posix_spawn")), (os, "posix_spawnp", refuse("os.posix_spawnp")),
+               (multiprocessing.process.BaseProcess, "start", refuse("multiprocessing"))]
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+    for owner, name, replacement in patches:
+        setattr(owner, name, replacement)
+    try:
+        yield
+    finally:
+        for owner, name, original in saved:
+            setattr(owner, name, original)
+
+
+def _tier_guard(item):
+    if item.get_closest_marker("slow") is not None:
+        return contextlib.nullcontext()
+    return processes_refused(item.nodeid)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item):
+    with _tier_guard(item):
+        yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    with _tier_guard(item):
+        yield
+
+
+# ---------------------------------------------------------------------------------- helpers
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -63,6 +129,14 @@ def run_train(args: list[str], nproc: int = 1, timeout: int = 600, check: bool =
     return proc
 
 
+def run_trains(runs: list[dict], workers: int = 2) -> list[subprocess.CompletedProcess]:
+    """run_train(**kwargs) for each of `runs`, `workers` at a time: independent 1-rank runs (one thread
+    each) fill both cores instead of one; results in the order given, the first failure raised."""
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(lambda kwargs: run_train(**kwargs), runs))
+
+
 def load_export(path: str | Path):
     from dreamprm.model.loading import load_exported_prm
     return load_exported_prm(path)
@@ -75,6 +149,18 @@ def exported_tensors(path: str | Path) -> dict:
     tensors = {f"backbone.{k}": v for k, v in load_file(str(path / "model.safetensors")).items()}
     tensors.update({f"score_head.{k}": v for k, v in load_file(str(path / "score_head.safetensors")).items()})
     return tensors
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """In-process tests compute on one thread, as each rank of the trainer does (OMP_NUM_THREADS=1): the
+    tiny model gains nothing from a second one, and on a loaded 2-core machine torch's thread pool made
+    in-process tests 10-20x slower (tests/test_packing.py; the K-step unroll test: 4 s idle, 58 s loaded)."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -202,6 +202,7 @@ def results(tmp_path_factory) -> dict[str, Result]:
     return done
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input(results, case):
     r = results[case.id]

@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -382,12 +383,18 @@ def test_damaged_export_is_a_user_error(exported_prm, tmp_path):
         ModelScorer.from_export(damaged, torch.device("cpu"), batch_size=1, max_image_side=512)
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_demo_end_to_end_one_process_and_two_ranks(exported_prm, tmp_path):
     demo = json.loads(DEMO_CANDIDATES.read_text())
     single, multi = tmp_path / "single.json", tmp_path / "multi.json"
     args = ["--prm", str(exported_prm), "--candidates", str(DEMO_CANDIDATES), "--batch_size", "7", "--device", "cpu"]
-    done = subprocess.run([sys.executable, "-m", "dreamprm.bestofn", *args, "--output", str(single)],
-                          cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    commands = [[sys.executable, "-m", "dreamprm.bestofn", *args, "--output", str(single)],
+                [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                 "launch/bestofn.py", *args, "--output", str(multi)]]
+    with ThreadPoolExecutor(max_workers=2) as pool:  # one process and two ranks, at the same time
+        done, done_multi = pool.map(lambda cmd: subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True,
+                                                               text=True, timeout=300), commands)
     assert done.returncode == 0, done.stderr
     assert "oracle" in done.stdout and f"selection written to {single}" in done.stdout
 
@@ -410,9 +417,7 @@ def test_demo_end_to_end_one_process_and_two_ranks(exported_prm, tmp_path):
     assert report["by_n"][-1]["oracle"] == pytest.approx(sum(any(c["correct"] for c in r["candidates"])
                                                              for r in demo) / len(demo))
 
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "launch/bestofn.py", *args, "--output", str(multi)],
-                          cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    done = done_multi
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("selection written to") == 1  # rank 0 only
     multi_out = json.loads(multi.read_text())

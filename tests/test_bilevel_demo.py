@@ -13,6 +13,8 @@ from PIL import Image
 from conftest import REPO, base_env, free_port, read_json, read_scalars
 from tensorboard_view import chromium_available, screenshot_dashboard
 
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess, pytest.mark.browser]
+
 
 @pytest.fixture(scope="module")
 def demo_run(tiny_model, tmp_path_factory):

@@ -129,6 +129,7 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
+@pytest.mark.slow
 def test_full_disk_stops_cleanly_and_resume_auto_finishes(small_disk, tiny_model, tmp_path):
     out, root = small_disk / "run", small_disk / "run" / "checkpoints"
     args = small_run_args(tiny_model, out, *FLAGS, "--iteration_num", "4", "--keep_last", "1")
@@ -235,6 +236,8 @@ def quota_run(tiny_model, tmp_path_factory) -> QuotaRun:
     return QuotaRun(root, failed, failed_logs, resumed, read_logs(base / "resumed", 2))
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_a_failed_write_on_one_rank_stops_every_rank_with_one_message(quota_run):
     root, logs = quota_run.root, quota_run.failed_logs
     assert [code for code, _ in quota_run.failed] == [EXIT_CHECKPOINT_FAILED] * 2, logs
@@ -250,6 +253,8 @@ def test_a_failed_write_on_one_rank_stops_every_rank_with_one_message(quota_run)
         "Slurm scripts do not requeue it, since a requeued job would meet the same disk.")
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_resume_auto_after_the_failure_finishes_and_keeps_the_last(quota_run):
     root, logs = quota_run.root, quota_run.resumed_logs
     assert [code for code, _ in quota_run.resumed] == [0, 0], logs[0][1][-4000:]
@@ -263,6 +268,8 @@ def test_resume_auto_after_the_failure_finishes_and_keeps_the_last(quota_run):
     assert (root.parent / "export" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_first_checkpoint_estimate_is_close_to_the_measured_size(quota_run, tiny_model):
     from dreamprm.model.loading import build_prm
     params = sum(p.numel() for p in build_prm(tiny_model, "logits", seed=1).parameters())
@@ -271,6 +278,7 @@ def test_first_checkpoint_estimate_is_close_to_the_measured_size(quota_run, tiny
     assert written <= estimate <= 1.4 * written, (written, estimate)
 
 
+@pytest.mark.slow
 def test_estimate_memory_prints_checkpoint_sizes():
     proc = subprocess.run([PYTHON, str(REPO / "launch" / "estimate_memory.py"), "--markdown", "--formula"], cwd=REPO,
                           env=base_env(), capture_output=True, text=True, timeout=120)

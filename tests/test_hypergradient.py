@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -44,8 +45,19 @@ def cosine(d, ref: torch.Tensor) -> float:
 
 
 @pytest.fixture(scope="module")
-def fp32_one_rank(tiny_model, tmp_path_factory):
-    return fidelity(tiny_model, tmp_path_factory.mktemp("h") / "one.json", 1, "--radii", "1e-2,1e-3")
+def one_rank_runs(tiny_model, tmp_path_factory) -> dict[str, dict]:
+    """The benchmark on one rank in fp32 and in bf16, both at once (one thread each)."""
+    out = tmp_path_factory.mktemp("h")
+    flags = {"fp32": [], "bf16": ["--precision", "bf16"]}
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = pool.map(lambda name: fidelity(tiny_model, out / f"{name}.json", 1, "--radii", "1e-2,1e-3",
+                                                 *flags[name]), flags)
+        return dict(zip(flags, results))
+
+
+@pytest.fixture(scope="module")
+def fp32_one_rank(one_rank_runs):
+    return one_rank_runs["fp32"]
 
 
 # README: "against an fp64 reference, exact and fd reach cosine 1.0000 in fp32 on 1 and 2 ZeRO-3 ranks
@@ -55,6 +67,7 @@ FP32_LIMITS = {"exact": 1e-5, "fd@0.01": 2.5e-3, "fd@0.001": 1e-4}
 TWO_RANKS_ABS = {"exact": 1e-7, "fd@0.01": 1e-7, "fd@0.001": 1e-6}
 
 
+@pytest.mark.slow
 def test_exact_and_fd_match_the_fp64_reference_in_fp32(fp32_one_rank, fidelity_reference):
     reference = fidelity_reference[DEFAULT]
     assert reference.norm() > 0
@@ -64,6 +77,8 @@ def test_exact_and_fd_match_the_fp64_reference_in_fp32(fp32_one_rank, fidelity_r
         assert cosine(d, reference) > 1 - 1e-5, (name, d, reference)
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_two_zero3_ranks_give_the_one_rank_hypergradient(tiny_model, tmp_path, fp32_one_rank, fidelity_reference):
     # --grid: every meta objective x aggregation, exact and fd (r = 1e-3), against the fp64 reference.
     # The meta batch puts both right chains on rank 0 and both wrong ones on rank 1, so the pairwise
@@ -88,9 +103,9 @@ def test_two_zero3_ranks_give_the_one_rank_hypergradient(tiny_model, tmp_path, f
         assert rel_error(b.tolist(), fidelity_reference[DEFAULT]) < limit, name
 
 
-def test_in_bf16_exact_stays_accurate_while_the_naive_finite_difference_does_not(tiny_model, tmp_path,
-                                                                                 fidelity_reference):
-    result = fidelity(tiny_model, tmp_path / "bf16.json", 1, "--precision", "bf16", "--radii", "1e-2,1e-3")
+@pytest.mark.slow
+def test_in_bf16_exact_stays_accurate_while_the_naive_finite_difference_does_not(one_rank_runs, fidelity_reference):
+    result = one_rank_runs["bf16"]
     reference = fidelity_reference[DEFAULT]
     exact = result["estimators"]["exact"]["directional"]
     # README: "in bf16, exact stays within 2%"; docs' table: 0.0195 on these batches.
@@ -102,6 +117,8 @@ def test_in_bf16_exact_stays_accurate_while_the_naive_finite_difference_does_not
         assert low < rel_error(naive, reference) < 1.03, (radius, naive)
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_zero2_ranks_give_the_reference_hypergradient_too(tiny_model, tmp_path, fidelity_reference):
     result = fidelity(tiny_model, tmp_path / "zero2.json", 2, "--radii", "1e-3",
                       "--deepspeed", str(REPO / "ds_configs" / "zero2.json"))

@@ -52,6 +52,7 @@ def test_the_docs_spell_each_launch_script_as_python_launch(script):
     assert re.search(rf"\bpython launch/{re.escape(script)}\b", docs_text()), f"no `python launch/{script}` in the docs"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_launch_script_help_from_the_repository_root(script):
     proc = subprocess.run([sys.executable, f"launch/{script}", "--help"], cwd=REPO, env=user_env(),
@@ -59,6 +60,7 @@ def test_launch_script_help_from_the_repository_root(script):
     assert_help(proc, f"launch/{script}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_launch_script_help_from_another_folder(script, tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "launch" / script), "--help"], cwd=tmp_path, env=user_env(),
@@ -66,6 +68,7 @@ def test_launch_script_help_from_another_folder(script, tmp_path):
     assert_help(proc, f"launch/{script}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module", MODULES)
 def test_module_help_from_the_repository_root(module):
     assert f"python -m {module} " in docs_text()

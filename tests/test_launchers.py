@@ -4,9 +4,9 @@
   the ranks, and MASTER_PORT is taken from the environment (`-x MASTER_PORT=...`).
 * `accelerate launch --config_file ds_configs/accelerate_zero3.yaml --num_processes 2`.
 * `deepspeed --num_gpus 2` (on CPU too).
-* `deepspeed --hostfile` with two "nodes" on this machine, started without ssh (`--no_ssh`, one
-  launcher per node with its `--node_rank`), and, where passwordless ssh and pdsh exist, the
-  classic one-command form.
+* `deepspeed --hostfile` with two "nodes" on this machine: started without ssh (`--no_ssh`, one
+  launcher per node with its `--node_rank`), and the classic one-command form, pdsh over ssh to a
+  private sshd on 127.0.0.1 (tests/ssh_localhost.py; openssh-server and pdsh from .ci/setup.sh).
 
 Each run: exit 0, world size 2 in config.json, TensorBoard scalars of both levels, the exported
 PRM; and the same flags give bit-identical exported parameters under every launcher (same ranks,
@@ -28,12 +28,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import PYTHON, REPO, base_env, exported_tensors, free_port, read_json, read_scalars  # noqa: E402
+from ssh_localhost import LocalSshd, descendants, ssh_missing  # noqa: E402
 
 TRAIN = str(REPO / "launch" / "train.py")
 ACCELERATE_YAML = REPO / "ds_configs" / "accelerate_zero3.yaml"
 ITERATIONS = 12
 RUN_TIMEOUT_S = 300
 ROOT_MPI = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+
+pytestmark = [pytest.mark.slow, pytest.mark.launcher, pytest.mark.multiprocess]
 
 
 def train_args(model: Path, out: Path, *extra: str) -> list[str]:
@@ -48,26 +51,10 @@ def _bin(name: str) -> list[str]:
     return [str(path)] if path.exists() else [shutil.which(name) or name]
 
 
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
 def _kill_tree(proc: subprocess.Popen) -> None:
     """SIGKILL a launcher and everything it started (workers may sit in sessions of their own;
     a stuck mpirun only yields to SIGKILL)."""
-    for pid in [*_descendants(proc.pid), proc.pid]:
+    for pid in [*descendants(proc.pid), proc.pid]:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -262,30 +249,42 @@ def test_deepspeed_hostfile_two_nodes_without_ssh(hostfile_run):
     assert "nnodes=2, num_local_procs=1, node_rank=1" in hostfile_run.output
 
 
-def _ssh_missing() -> str:
-    why = []
-    if shutil.which("pdsh") is None:
-        why.append("pdsh is not installed (DeepSpeed's default multi-node launcher)")
-    try:
-        ok = subprocess.run(["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=3", "localhost", "true"],
-                            capture_output=True, timeout=10).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        ok = False
-    if not ok:
-        why.append("no passwordless ssh to localhost (deepspeed --hostfile starts remote ranks over ssh)")
-    return "; ".join(why)
-
-
-@pytest.mark.skipif(bool(_ssh_missing()), reason=_ssh_missing() or "-")
-def test_deepspeed_hostfile_over_ssh(tiny_model, tmp_path):
-    """The classic form: one command, pdsh starts a launcher on each host of the hostfile."""
+@pytest.fixture(scope="module")
+def ssh_hostfile_run(tiny_model, tmp_path_factory) -> Run:
+    """The classic form, one command: `deepspeed --hostfile hostfile launch/train.py ...`; DeepSpeed checks
+    that the first host answers over ssh, then pdsh starts a launcher on each host over ssh. The hosts
+    are `localhost` and `127.0.0.1`, both served by a private sshd (tests/ssh_localhost.py: its own
+    keys, a free port) that `ssh` on PATH reaches. The remote shells get DeepSpeed's exports (PYTHON*)
+    and the variables of the file DS_ENV_FILE names, as a cluster user's `.deepspeed_env`."""
+    if ssh_missing():
+        pytest.skip(ssh_missing())
+    tmp_path = tmp_path_factory.mktemp("ssh")
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
+    ds_env = tmp_path / "deepspeed_env"
+    ds_env.write_text("HWLOC_COMPONENTS=-gl\nOMP_NUM_THREADS=1\nTOKENIZERS_PARALLELISM=false\n")
     out = tmp_path / "out"
-    cmd = [*_bin("deepspeed"), "--hostfile", str(hostfile), "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), TRAIN, "--deepspeed", str(REPO / "ds_configs" / "zero3.json"),
-           *train_args(tiny_model, out)]
-    checked(launch("deepspeed-ssh", [cmd], out))
+    with LocalSshd(tmp_path / "sshd") as sshd:
+        env = base_env(DS_ENV_FILE=str(ds_env))
+        env["PATH"] = f"{sshd.bin}:{env['PATH']}"
+        cmd = [*_bin("deepspeed"), "--hostfile", str(hostfile), "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()), TRAIN, "--deepspeed", str(REPO / "ds_configs" / "zero3.json"),
+               *train_args(tiny_model, out)]
+        before = sshd.logins()  # LocalSshd's own check that it answers
+        run = launch("deepspeed-ssh", [cmd], out, env)
+        logins = sshd.logins() - before
+    run.output += f"\n[sshd: {logins} public-key logins]\n"
+    return checked(run)
+
+
+def test_deepspeed_hostfile_over_ssh(ssh_hostfile_run):
+    """pdsh ran one launcher per host over ssh: node ranks 0 and 1, each line prefixed by its host."""
+    output = ssh_hostfile_run.output
+    assert "nnodes=2, num_local_procs=1, node_rank=0" in output and "nnodes=2, num_local_procs=1, node_rank=1" in output
+    assert any(line.startswith("localhost: ") for line in output.splitlines()), output[-3000:]
+    assert any(line.startswith("127.0.0.1: ") for line in output.splitlines()), output[-3000:]
+    # DeepSpeed's reachability check and one pdsh session per host.
+    assert "[sshd: 3 public-key logins]" in output, output[-500:]
 
 
 # ------------------------------------------------------------------------------- comparison
@@ -295,6 +294,8 @@ def test_launchers_give_the_same_parameters(request, accelerate_run, deepspeed_r
     runs = {run.name: run for run in (accelerate_run, deepspeed_run, hostfile_run)}
     if not _mpi_missing():
         runs["mpirun"] = request.getfixturevalue("mpirun_run")
+    if not ssh_missing():
+        runs["deepspeed-ssh"] = request.getfixturevalue("ssh_hostfile_run")
     names = sorted(runs)
     ref_name = names[0]
     ref = exported_tensors(runs[ref_name].out / "export")

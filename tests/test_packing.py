@@ -198,6 +198,8 @@ def test_flash_attention_is_refused_with_a_clear_message():
                               "flash_attention_2", torch.float32)
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_two_zero3_ranks_score_step_and_hypergradient_the_same_packed_or_not(tiny_model, tmp_path):
     out = tmp_path / "ranks.json"
     proc = subprocess.run(launch_command(REPO / "tests" / "packing_ranks.py", [str(tiny_model), str(out)], 2),

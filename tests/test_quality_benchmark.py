@@ -7,7 +7,11 @@ from __future__ import annotations
 import json
 import subprocess
 
+import pytest
+
 from conftest import PYTHON, REPO, base_env
+
+pytestmark = [pytest.mark.slow, pytest.mark.benchmark]
 
 SMALL = ["--tasks", "noise", "--seeds", "0", "--arms", "pairwise", "--chains_per_domain", "100", "--meta", "64",
          "--test", "24", "--warmup", "300", "--steps", "100", "--workers", "1", "--threads", "1"]

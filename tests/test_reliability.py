@@ -158,6 +158,8 @@ def reference(tiny_model, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_nonfinite_updates_are_skipped_on_every_rank_and_counted(reference):
     stdout = (reference / "stdout.txt").read_text()
     assert "step 3: non-finite lower-level loss or hypergradient; update skipped on every rank" in stdout
@@ -180,6 +182,8 @@ def test_nonfinite_updates_are_skipped_on_every_rank_and_counted(reference):
     assert state["state"]["upper_steps"] == N // UNROLL
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_too_many_nonfinite_updates_stop_with_a_message_and_a_good_checkpoint(tiny_model, tmp_path):
     proc = run_train(flags(tiny_model, tmp_path, "--max_bad_steps", "3"), nproc=2, check=False, faults="lower:3,4,5")
     assert proc.returncode == 1, proc.stderr[-4000:]
@@ -231,6 +235,8 @@ def preempted(request, tiny_model, tmp_path_factory, reference) -> Preempted:
     return Preempted(request.param, out, rc, job.stdout, job.stderr, stop_s, checkpoints, left, resumed)
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_signal_checkpoints_on_every_rank_and_exits_75(preempted):
     assert len(preempted.checkpoints) == 1, preempted.stderr[-3000:]
     step = int(preempted.checkpoints[0].split("_")[1])
@@ -257,6 +263,8 @@ def test_signal_checkpoints_on_every_rank_and_exits_75(preempted):
     assert preempted.stop_s < 30
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_resume_after_preemption_is_bit_exact(preempted, reference):
     step = int(preempted.checkpoints[0].split("_")[1])
     assert f"resumed from {preempted.out / 'checkpoints' / preempted.checkpoints[0]} at step {step}" in (
@@ -273,6 +281,8 @@ def test_resume_after_preemption_is_bit_exact(preempted, reference):
         assert all(torch.equal(x[k], y[k]) for k in x)
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_replicated_state_after_resume(preempted):
     # --weight_check_every 1: after the resume every upper step compared the domain-weight checksums of
     # the two ranks and would have failed the run on a difference.
@@ -348,6 +358,7 @@ def killed_in_save(tiny_model, tmp_path_factory) -> KilledInSave:
     return KilledInSave(out, partial, newest, manifest, present, step, resumed, loads)
 
 
+@pytest.mark.slow
 def test_kill_during_save_leaves_the_previous_checkpoint_loadable(killed_in_save):
     assert killed_in_save.partial, "the kill did not land inside a save"
     assert all(p.startswith(".tmp-step_") or p.startswith("step_") for p in killed_in_save.partial)
@@ -356,6 +367,7 @@ def test_kill_during_save_leaves_the_previous_checkpoint_loadable(killed_in_save
     assert k.newest_step == k.newest_manifest["step"] == int(k.newest_before.name.split("_")[1])
 
 
+@pytest.mark.slow
 def test_resume_auto_picks_the_newest_complete_checkpoint(killed_in_save):
     newest = killed_in_save.newest_before
     output = killed_in_save.resumed.stdout
@@ -369,6 +381,8 @@ def test_resume_auto_picks_the_newest_complete_checkpoint(killed_in_save):
 
 
 # ====================================================================== a rank that dies
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_a_killed_rank_ends_the_whole_job_quickly(tiny_model, tmp_path):
     job = Job(flags(tiny_model, tmp_path / "run", "--dist_timeout", "30", steps=400), 2, tmp_path / "logs")
     job.wait_for(lambda: job.steps_done() >= 2 and len(job.workers()) == 2, "2 training steps")
@@ -387,6 +401,8 @@ def test_a_killed_rank_ends_the_whole_job_quickly(tiny_model, tmp_path):
 STUCK_LIMIT_S = 10
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_a_stuck_rank_times_out_the_others(tiny_model, tmp_path):
     """--dist_timeout bounds a collective that waits for a rank that is alive but stuck (here rank 1,
     SIGSTOPped mid-run): rank 0 gives up with an error after the timeout instead of waiting forever."""
@@ -425,6 +441,8 @@ runpy.run_path(script, run_name="__main__")
 """
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_a_rank_that_raises_ends_the_whole_job_quickly(tiny_model, tmp_path):
     wrapper, crash_time = tmp_path / "crash_on_rank_0.py", tmp_path / "crash_time"
     wrapper.write_text(CRASH_ON_RANK_0)
@@ -479,6 +497,7 @@ def assert_refused(proc: subprocess.CompletedProcess, key: str) -> None:
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_resume_with_another_domain_set_or_reward_model_is_refused(refusals):
     proc = refusals["domains+reward_model"]
     assert_refused(proc, "domains")
@@ -486,15 +505,18 @@ def test_resume_with_another_domain_set_or_reward_model_is_refused(refusals):
     assert "; reward_model: checkpoint" in proc.stderr and "same-model-elsewhere'" in proc.stderr
 
 
+@pytest.mark.slow
 def test_resume_with_another_head_is_refused(refusals):
     assert_refused(refusals["head"], "head")
 
 
+@pytest.mark.slow
 def test_resume_with_another_world_size_is_refused(refusals):
     assert_refused(refusals["world size"], "world size")
     assert "checkpoint 2 vs now 1" in refusals["world size"].stderr
 
 
+@pytest.mark.slow
 def test_refused_resume_leaves_the_run_folder_untouched(refusals, killed_in_save):
     assert refusals["domains+reward_model"].returncode == 2
     for name in ("config.json", "domains.json"):
@@ -532,6 +554,7 @@ def test_every_torch_load_in_dreamprm_uses_weights_only():
     assert "pickle.load" not in "".join(p.read_text() for p in (REPO / "dreamprm").rglob("*.py"))
 
 
+@pytest.mark.slow
 def test_everything_a_resume_reads_back_is_loaded_with_weights_only(killed_in_save):
     assert killed_in_save.loads, "no torch.load was recorded"
     unsafe = sorted({Path(rec["file"]).name for rec in killed_in_save.loads

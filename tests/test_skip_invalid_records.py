@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 
-from conftest import DEMO, run_train, small_run_args
+import pytest
+
+from conftest import DEMO, run_trains, small_run_args
 from dreamprm.build import reason_counts, split_record_problems
 
 
@@ -33,18 +35,22 @@ def _meta_with_bare_questions(path, bare: int):
     return len(meta)
 
 
+@pytest.mark.slow
 def test_invalid_records_are_refused_by_default_and_skipped_and_listed_on_request(tiny_model, tmp_path):
     meta_file = tmp_path / "meta.json"
     valid = _meta_with_bare_questions(meta_file, 5)
-    args = small_run_args(tiny_model, tmp_path / "run", "--meta_json_file", str(meta_file), "--image_root", str(DEMO),
-                          "--iteration_num", "2", "--unroll_steps", "2", "--batch_size", "2", "--meta_batch_size", "2",
-                          "--no-export")
-    refused = run_train(args, check=False)
+    def args(out):
+        return small_run_args(tiny_model, out, "--meta_json_file", str(meta_file), "--image_root", str(DEMO),
+                              "--iteration_num", "2", "--unroll_steps", "2", "--batch_size", "2", "--meta_batch_size",
+                              "2", "--no-export")
+
+    # Both at once, each in its own folder.
+    refused, proc = run_trains([{"args": args(tmp_path / "refused"), "check": False},
+                                {"args": args(tmp_path / "run") + ["--skip_invalid_records"]}])
     assert refused.returncode == 2
     assert f"{meta_file}:record {valid}: input: no step markers" in refused.stderr
     assert "5 problem(s) in the input data" in refused.stderr
 
-    proc = run_train(args + ["--skip_invalid_records"])
     assert "--skip_invalid_records: 5 record(s) left out" in proc.stdout
     assert "     5  input: no step markers" in proc.stdout
     lines = [json.loads(x) for x in (tmp_path / "run" / "skipped_records.jsonl").read_text().splitlines()]

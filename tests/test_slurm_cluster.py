@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 
 _ok, _why = slurm_available()
-pytestmark = pytest.mark.skipif(not _ok, reason=_why)
+pytestmark = [pytest.mark.skipif(not _ok, reason=_why), pytest.mark.slow, pytest.mark.slurm]
 
 
 @pytest.fixture(scope="module")

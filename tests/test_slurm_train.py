@@ -37,7 +37,7 @@ from dreamprm.checkpoint import complete_checkpoints  # noqa: E402
 from slurm_cluster import TERMINAL_STATES, LocalSlurm, slurm_available  # noqa: E402
 
 _ok, _why = slurm_available()
-pytestmark = pytest.mark.skipif(not _ok, reason=_why)
+pytestmark = [pytest.mark.skipif(not _ok, reason=_why), pytest.mark.slow, pytest.mark.slurm, pytest.mark.multiprocess]
 
 ITERATIONS = 40  # long enough that the signal lands mid-run on an idle machine too
 # The trainer's flags beyond what train_7b.sh passes itself: a short deterministic fp32 CPU run.

@@ -19,7 +19,7 @@ pytest.importorskip("torch.utils.tensorboard")
 PIL_Image = pytest.importorskip("PIL.Image")
 
 _OK, _WHY = chromium_available()
-pytestmark = pytest.mark.skipif(not _OK, reason=f"no headless browser: {_WHY}")
+pytestmark = [pytest.mark.skipif(not _OK, reason=f"no headless browser: {_WHY}"), pytest.mark.slow, pytest.mark.browser]
 
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 DOMAIN_TAGS = ["domain_weight/clean", "domain_weight/noisy_80", "domain_weight/inverted"]

@@ -23,6 +23,8 @@ from benchmarks import fp64_reference
 from benchmarks.fp64_reference import Float64Reference
 
 PROBE = REPO / "tests" / "trainer_probe.py"
+
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 COMMON = ["--batch_size", "4", "--meta_batch_size", "2", "--weight_check_every", "1", "--iteration_num", "50"]
 FP32 = ["--hypergrad", "fd", "--fd_radius", "1e-3", "--head", "hidden", "--gradient_accumulation", "2",
         "--aggregation", "min", "--max_bad_steps", "2"]

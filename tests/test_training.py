@@ -5,33 +5,43 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import (DEMO, PYTHON, REPO, base_env, exported_tensors, load_export, read_json, read_scalars,
-                      run_train, small_run_args)
+                      run_train, run_trains, small_run_args)
 from dreamprm.model.prm import model_inputs
 from dreamprm.data.datasets import PRMCollator, TrainDataset
 from dreamprm.data.records import load_train_records
 
 SHORT = ["--iteration_num", "8", "--unroll_steps", "2", "--hypergrad", "exact"]
 
-
-@pytest.fixture(scope="module")
-def one_rank(tiny_model, tmp_path_factory):
-    out = tmp_path_factory.mktemp("one_rank")
-    run_train(small_run_args(tiny_model, out, *SHORT, "--batch_size", "4", "--meta_batch_size", "2"))
-    return out
+pytestmark = [pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tiny_model, tmp_path_factory):
-    out = tmp_path_factory.mktemp("two_ranks")
-    run_train(small_run_args(tiny_model, out, *SHORT, "--batch_size", "2", "--meta_batch_size", "1"), nproc=2)
-    return out
+def both_runs(tiny_model, tmp_path_factory) -> tuple[Path, Path]:
+    """The same 8 steps on 1 rank and on 2 ranks (same global batches), started together."""
+    one, two = tmp_path_factory.mktemp("one_rank"), tmp_path_factory.mktemp("two_ranks")
+    run_trains([{"args": small_run_args(tiny_model, one, *SHORT, "--batch_size", "4", "--meta_batch_size", "2")},
+                {"args": small_run_args(tiny_model, two, *SHORT, "--batch_size", "2", "--meta_batch_size", "1"),
+                 "nproc": 2}])
+    return one, two
 
 
+@pytest.fixture(scope="module")
+def one_rank(both_runs):
+    return both_runs[0]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(both_runs):
+    return both_runs[1]
+
+
+@pytest.mark.multiprocess
 def test_two_ranks_match_one_rank_on_the_same_global_batches(one_rank, two_ranks):
     assert read_json(one_rank / "config.json")["world_size"] == 1
     assert read_json(two_ranks / "config.json")["world_size"] == 2
@@ -48,6 +58,7 @@ def test_two_ranks_match_one_rank_on_the_same_global_batches(one_rank, two_ranks
     assert la == pytest.approx(lb, rel=1e-4)
 
 
+@pytest.mark.multiprocess
 def test_tensorboard_has_the_lower_and_upper_level_scalars(two_ranks):
     scalars = read_scalars(two_ranks / "tb")
     expected = {"train/loss", "train/weighted_loss", "train/lr", "perf/samples_per_s", "perf/tokens_per_s",
@@ -74,40 +85,45 @@ def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(tiny_model, on
     assert read_json(one_rank / "domain_weights.json") == read_json(tmp_path / "domain_weights.json")
 
 
-def test_a_branched_run_uses_its_own_learning_rates_not_the_checkpoints(tiny_model, one_rank, tmp_path):
+@pytest.fixture(scope="module")
+def branches(tiny_model, one_rank, tmp_path_factory) -> dict[str, tuple[Path, str]]:
+    """Three runs branched from one_rank's final checkpoint (step 8) to step 10, 2 at a time:
+    `lr` with other learning rates and the model directory spelled relative to the working directory
+    (the checkpoint has it absolute), `same` with the checkpoint's flags, `adamw` with another
+    domain-logit optimiser. (folder, stdout) each."""
+    checkpoint = one_rank / "checkpoints" / "step_00000008"
+    common = ["--unroll_steps", "2", "--hypergrad", "exact", "--batch_size", "4", "--meta_batch_size", "2",
+              "--iteration_num", "10", "--resume", str(checkpoint), "--no-export"]
+    folders = {name: tmp_path_factory.mktemp(f"branch_{name}") for name in ("lr", "same", "adamw")}
+    lr = small_run_args(os.path.relpath(tiny_model, REPO), folders["lr"], *common, "--save_every_iterations", "2")
+    lr[lr.index("--lr") + 1], lr[lr.index("--meta_lr") + 1] = "2e-3", "0.2"
+    flags = {"lr": lr, "same": small_run_args(tiny_model, folders["same"], *common),
+             "adamw": small_run_args(tiny_model, folders["adamw"], *common, "--meta_optimizer", "adamw",
+                                     "--save_every_iterations", "2")}
+    procs = run_trains([{"args": flags[name]} for name in folders])
+    return {name: (folders[name], proc.stdout) for name, proc in zip(folders, procs)}
+
+
+def test_a_branched_run_uses_its_own_learning_rates_not_the_checkpoints(branches):
     # Loading optimiser state restores its lr too; a run branched from another run's checkpoint
     # (e.g. DreamPRM after a vanilla warm-up) must train with the flags it was given.
-    checkpoint = one_rank / "checkpoints" / "step_00000008"
-    # The model directory spelled relative to the working directory (the checkpoint has it absolute).
-    relative_model = os.path.relpath(tiny_model, REPO)
-    flags = small_run_args(relative_model, tmp_path, "--unroll_steps", "2", "--hypergrad", "exact", "--batch_size", "4",
-                           "--meta_batch_size", "2", "--iteration_num", "10", "--resume", str(checkpoint),
-                           "--save_every_iterations", "2", "--no-export")
-    flags[flags.index("--lr") + 1], flags[flags.index("--meta_lr") + 1] = "2e-3", "0.2"
-    out = run_train(flags).stdout
+    folder, out = branches["lr"]
     assert "resume: --lr 0.002 replaces the checkpoint's 0.001" in out
     assert "resume: --meta_lr 0.2 replaces the checkpoint's 0.05" in out
-    assert [v for _, v in read_scalars(tmp_path / "tb")["train/lr"]] == pytest.approx([2e-3])
-    saved = torch.load(tmp_path / "checkpoints" / "step_00000010" / "trainer_state.pt", weights_only=True)
+    assert [v for _, v in read_scalars(folder / "tb")["train/lr"]] == pytest.approx([2e-3])
+    saved = torch.load(folder / "checkpoints" / "step_00000010" / "trainer_state.pt", weights_only=True)
     assert [g["lr"] for g in saved["meta_optimizer"]["param_groups"]] == [0.2]
     # Same flags as the checkpoint: nothing to replace, nothing printed.
-    same = small_run_args(tiny_model, tmp_path / "same", "--unroll_steps", "2", "--hypergrad", "exact",
-                          "--batch_size", "4", "--meta_batch_size", "2", "--iteration_num", "10", "--resume",
-                          str(checkpoint), "--no-export")
-    assert "replaces the checkpoint's" not in run_train(same).stdout
+    assert "replaces the checkpoint's" not in branches["same"][1]
 
 
-def test_a_branched_run_may_choose_another_domain_logit_optimiser(tiny_model, one_rank, tmp_path):
+def test_a_branched_run_may_choose_another_domain_logit_optimiser(branches):
     # The checkpoint holds the default (gated) optimiser's state, which does not fit AdamW: the
     # branch starts AdamW fresh, keeps the domain weights, and says so.
-    checkpoint = one_rank / "checkpoints" / "step_00000008"
-    flags = small_run_args(tiny_model, tmp_path, "--unroll_steps", "2", "--hypergrad", "exact", "--batch_size", "4",
-                           "--meta_batch_size", "2", "--iteration_num", "10", "--resume", str(checkpoint),
-                           "--meta_optimizer", "adamw", "--save_every_iterations", "2", "--no-export")
-    out = run_train(flags).stdout
+    folder, out = branches["adamw"]
     assert "resume: --meta_optimizer adamw starts with a fresh state (the checkpoint's domain-logit optimiser " \
            "was gated); the domain weights are kept" in out
-    saved = torch.load(tmp_path / "checkpoints" / "step_00000010" / "trainer_state.pt", weights_only=True)
+    saved = torch.load(folder / "checkpoints" / "step_00000010" / "trainer_state.pt", weights_only=True)
     assert saved["meta_optimizer_kind"] == "adamw" and "betas" in saved["meta_optimizer"]["param_groups"][0]
 
 
@@ -130,6 +146,7 @@ def test_export_reloads_without_deepspeed_and_scores_like_the_engine(tiny_model,
     torch.testing.assert_close(logits, torch.tensor(engine["logits"]), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.multiprocess
 def test_two_ranks_learn_a_learnable_domain(tiny_model, tmp_path):
     records = [r for r in read_json(DEMO / "train.json") if r["dataset"] == "clean"]
     train = tmp_path / "clean.json"

@@ -1,19 +1,20 @@
 """Options of the upper step, through the trainer on real ZeRO-3: the optimiser-preconditioned inner
 product and the segment's batches. One upper step each (4 lower steps, unroll 2), compared through
-the hypergradients the trainer logs."""
+the hypergradients the trainer logs; the 4 one-rank runs go 2 at a time."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from conftest import read_json, read_scalars, run_train, small_run_args
+from conftest import read_json, read_scalars, run_trains, small_run_args
+
+pytestmark = [pytest.mark.slow]
 
 BASE = ["--iteration_num", "2", "--unroll_steps", "2", "--batch_size", "8", "--meta_batch_size", "4",
         "--no-export"]
 
 
-def first_hypergradient(tiny_model, out, *flags: str) -> torch.Tensor:
-    run_train(small_run_args(tiny_model, out, *BASE, *flags))
+def first_hypergradient(out) -> torch.Tensor:
     scalars = read_scalars(out / "tb")
     return torch.tensor([scalars[f"hypergrad/{name}"][0][1] for name in read_json(out / "domains.json")],
                         dtype=torch.float64)
@@ -25,7 +26,9 @@ def hypergradients(tiny_model, tmp_path_factory) -> dict[str, torch.Tensor]:
             "adam_fd": ["--hypergrad_geometry", "adam", "--hypergrad", "fd", "--fd_radius", "1e-3"],
             "sgd_exact": [],
             "sgd_exact_last": ["--hypergrad_batches", "last"]}
-    return {name: first_hypergradient(tiny_model, tmp_path_factory.mktemp(name), *flags) for name, flags in runs.items()}
+    outs = {name: tmp_path_factory.mktemp(name) for name in runs}
+    run_trains([{"args": small_run_args(tiny_model, outs[name], *BASE, *flags)} for name, flags in runs.items()])
+    return {name: first_hypergradient(out) for name, out in outs.items()}
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
