@@ -72,6 +72,9 @@ def test_instance_weights_refuse_the_exact_estimator(capsys):
     assert parse_args(["--weighting", "both", "--baseline"]).bilevel.weighting == "both"  # no upper level
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.benchmark
 def test_per_record_derivatives_match_the_fp64_reference_on_two_ranks(tiny_model, tmp_path):
     out = tmp_path / "instance.json"
     cmd = launch_command(REPO / "benchmarks" / "instance_fidelity.py",
@@ -90,6 +93,8 @@ def _instance_run(tiny_model, out, *extra):
                           "--meta_batch_size", "2", "--unroll_steps", "2", "--weight_check_every", "1", *extra)
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_two_ranks_train_report_and_resume_instance_weights_exactly(tiny_model, tmp_path):
     straight = tmp_path / "straight"
     run_train(_instance_run(tiny_model, straight, "--iteration_num", "8", "--save_every_iterations", "4"), nproc=2)
