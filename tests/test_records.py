@@ -165,18 +165,6 @@ def test_domain_index_by_sorted_name(folder):
     assert domain_index(load_train_records(path)) == {"Zeta": 0, "alpha": 1, "clean": 2, "inverted": 3, "noisy_80": 4}
 
 
-def test_known_domains_accept_matching_records(folder):
-    path = write_json(folder / "train.json", [train_rec(dataset="a"), train_rec(dataset="b")])
-    assert len(load_train_records(path, domains=["b", "a"])) == 2
-
-
-def test_unknown_domain_and_domain_without_records(folder):
-    path = write_json(folder / "train.json", [train_rec(dataset="a"), train_rec(dataset="typo")])
-    problems = problems_of(load_train_records, path, domains=["a", "b"])
-    assert problems == [f"{path}:record 1: dataset: unknown domain 'typo' (expected one of ['a', 'b'])",
-                        f"{path}: dataset: domain 'b' has no records"]
-
-
 # ---------------------------------------------------------------- load_image
 @pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P", "1", "I;16"])
 def test_load_image_converts_to_rgb(tmp_path, mode):

@@ -256,8 +256,7 @@ def check_duplicates(items: Iterable[tuple[Any, str]], field: str, problems: lis
 
 
 def load_train_records(path: str | Path, image_root: str | Path | None = None, *,
-                       domains: list[str] | None = None, problems: list[str] | None = None,
-                       images: ImageChecker | None = None) -> list[TrainRecord]:
+                       problems: list[str] | None = None, images: ImageChecker | None = None) -> list[TrainRecord]:
     """Training records of one file. Pass `problems` to collect instead of raising."""
     collect = problems is not None
     problems = [] if problems is None else problems
@@ -265,14 +264,6 @@ def load_train_records(path: str | Path, image_root: str | Path | None = None, *
     # Records of one chain share an `id`; the pair (id, sid) names one step prefix.
     check_duplicates((((r.chain_id, r.step_index) if r.step_index is not None else None, r.source)
                        for r in records if r.chain_id is not None), "sid", problems)
-    if domains is not None:
-        known = set(domains)
-        for r in records:
-            if r.domain not in known:
-                problems.append(f"{r.source}: dataset: unknown domain {r.domain!r} (expected one of {sorted(known)})")
-        present = {r.domain for r in records}
-        for name in sorted(known - present):
-            problems.append(f"{path}: dataset: domain {name!r} has no records")
     if not records and not problems:
         problems.append(f"{path}: file: contains no records")
     if problems and not collect:
