@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -31,7 +30,6 @@ from benchmarks.fp64_reference import Float64Reference  # noqa: E402
 from dreamprm.bilevel import hypergradient as hg  # noqa: E402
 from dreamprm.bilevel.domain_weights import DomainWeights  # noqa: E402
 from dreamprm.bilevel.upper import domain_sums_at, exact_domain_dots, meta_gradient  # noqa: E402
-from dreamprm.model.prm import model_inputs  # noqa: E402
 from dreamprm.config import DEMO_DIR, REPO_ROOT, TrainConfig, load_ds_config, resolve_ds_config  # noqa: E402
 from dreamprm.data.datasets import MetaDataset, PRMCollator, TrainDataset  # noqa: E402
 from dreamprm.data.records import domain_index, load_meta_records, load_train_records  # noqa: E402

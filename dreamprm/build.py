@@ -27,7 +27,7 @@ from dreamprm.data.sampler import DistributedBatchSampler
 from dreamprm.data.stream import BatchStream, StreamPosition
 from dreamprm.distributed import engine as dist_engine
 from dreamprm.distributed.engine import DistInfo, DistributedEngine
-from dreamprm.model.loading import build_prm, resolve_model_dir
+from dreamprm.model.loading import build_prm
 
 TINY_MODEL_DIR = REPO_ROOT / "runs" / "tiny-qwen2vl"
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
