@@ -113,6 +113,20 @@ def objective_grid(engine, info, args, model_dir, train, meta, full_train, full_
     return grid
 
 
+def best_time(fn, repeats: int, device: torch.device):
+    """(fn's last value, its fastest of `repeats` runs in seconds), synchronised on CUDA."""
+    best, value = math.inf, None
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        value = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return value, best
+
+
 def fidelity_engine(reward_model: str, head: str, deepspeed_file: str, precision: str, global_batch: int, seed: int):
     """(rank info, the PRM in a real DeepSpeed engine, its processor, the model folder) for these scripts."""
     from dreamprm.build import PRECISIONS, resolve_reward_model
@@ -165,16 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     train, meta = engine.to_device(train), engine.to_device(meta)
 
     def timed(fn):
-        best = math.inf
-        for _ in range(args.repeats):
-            if info.device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            value = fn()
-            if info.device.type == "cuda":
-                torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - t0)
-        return value, best
+        return best_time(fn, args.repeats, info.device)
 
     (v, meta_value), t_v = timed(lambda: meta_gradient(engine, meta, args.aggregation, args.meta_loss))
     v_norm = math.sqrt(float(engine.global_dot(v, v)))

@@ -17,14 +17,13 @@ import argparse
 import json
 import math
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from benchmarks.hypergrad_fidelity import cosine, fidelity_engine, fixed_batches, rel_error  # noqa: E402
+from benchmarks.hypergrad_fidelity import best_time, cosine, fidelity_engine, fixed_batches, rel_error  # noqa: E402
 from dreamprm.bilevel.instance_weights import InstanceWeights  # noqa: E402
 from dreamprm.bilevel.upper import finite_difference, instance_update, meta_gradient  # noqa: E402
 from dreamprm.config import DEMO_DIR, REPO_ROOT  # noqa: E402
@@ -61,16 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
     table = InstanceWeights(args.global_batch, lr=0.3)
 
     def timed(fn):
-        best, value = math.inf, None
-        for _ in range(args.repeats):
-            if info.device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            value = fn()
-            if info.device.type == "cuda":
-                torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - t0)
-        return value, best
+        return best_time(fn, args.repeats, info.device)
 
     (v, _), t_meta = timed(lambda: meta_gradient(engine, meta, "mean_logit", args.meta_loss))
     v_norm = math.sqrt(float(engine.global_dot(v, v)))
