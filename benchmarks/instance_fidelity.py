@@ -23,21 +23,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from benchmarks.hypergrad_fidelity import best_time, cosine, fidelity_engine, fixed_batches, rel_error  # noqa: E402
+from benchmarks.hypergrad_fidelity import (add_model_and_data_args, best_time, cosine, fidelity_engine,  # noqa: E402
+                                           fixed_batches, rel_error)
 from dreamprm.bilevel.instance_weights import InstanceWeights  # noqa: E402
 from dreamprm.bilevel.upper import finite_difference, instance_update, meta_gradient  # noqa: E402
-from dreamprm.config import DEMO_DIR, REPO_ROOT  # noqa: E402
 from dreamprm.losses import per_sample_mse  # noqa: E402
 from dreamprm.model.prm import model_inputs  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--reward_model", default="tiny")
-    p.add_argument("--head", default="logits", choices=("logits", "hidden"))
-    p.add_argument("--train_json_file", default=str(DEMO_DIR / "train.json"))
-    p.add_argument("--meta_json_file", default=str(DEMO_DIR / "meta.json"))
-    p.add_argument("--deepspeed", default=str(REPO_ROOT / "ds_configs" / "zero3.json"))
+    add_model_and_data_args(p)
     p.add_argument("--global_batch", type=int, default=16)
     p.add_argument("--meta_global", type=int, default=8)
     p.add_argument("--radius", type=float, default=1e-2)
