@@ -190,7 +190,7 @@ def engine(config: TrainConfig, ds_config: dict[str, Any], reward_model: str, in
     def step_lr(optimizer: torch.optim.Optimizer):
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=o.scheduler_step_size, gamma=o.scheduler_gamma)
 
-    return DistributedEngine(model, ds_config, info, lr_scheduler=step_lr)
+    return DistributedEngine(model, ds_config, info, upper_precision=config.bilevel.upper_precision, lr_scheduler=step_lr)
 
 
 def upper_level(config: TrainConfig, domains: dict[str, int], num_records: int

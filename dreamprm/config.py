@@ -29,6 +29,7 @@ HYPERGRAD_METHODS = ("exact", "fd", "fd_bf16_naive")
 # `dreamprm.bilevel.aggregation.AGGREGATIONS` maps these names to the functions.
 AGGREGATIONS = ("mean_logit", "mean", "min", "max", "product", "last")
 META_LOSSES = ("pairwise", "mse")
+UPPER_PRECISIONS = ("fp32", "engine")
 META_OPTIMIZERS = ("gated", "adamw", "sgd")
 WEIGHTINGS = ("domain", "instance", "both")
 
@@ -102,6 +103,12 @@ class BilevelConfig:
     hypergrad: str = _f("exact", "hypergradient estimator: 'exact' (per-domain inner products, ε-free), "
                         "'fd' (central difference on fp32 parameters), 'fd_bf16_naive' (the original's)",
                         choices=HYPERGRAD_METHODS)
+    upper_precision: str = _f("fp32", "arithmetic of the upper level's passes (meta-gradient, exact's per-domain "
+                              "backward passes): 'fp32' on the engine's bf16/fp16 parameters as they are (the "
+                              "directional derivatives are small differences: in bf16 arithmetic the pairwise "
+                              "objective's were off by up to 63%, signs wrong; docs/hypergradient.md) or 'engine' "
+                              "(the engine's precision: faster, accurate for fp32 engines only)",
+                              choices=UPPER_PRECISIONS)
     fd_radius: float = _f(0.01, "finite difference: ε = fd_radius / ||v||")
     hypergrad_batches: str = _f("segment", "training micro-batches whose directional derivatives an upper step "
                                 "averages: 'segment' (every one of the segment; less noise, one pass each) or "
