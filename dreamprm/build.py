@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -18,7 +19,8 @@ from torch.utils.data import DataLoader
 from dreamprm.bilevel.domain_weights import DomainWeights
 from dreamprm.bilevel.instance_weights import InstanceWeights
 from dreamprm.bilevel.meta_optimizer import build_meta_optimizer
-from dreamprm.config import REPO_ROOT, TINY_MODEL, ConfigError, TrainConfig, load_ds_config, resolve_ds_config
+from dreamprm.config import (REPO_ROOT, TINY_MODEL, ConfigError, TrainConfig, load_ds_config, numerics_warnings,
+                             resolve_ds_config)
 from dreamprm.data.datasets import MetaDataset, TrainDataset
 from dreamprm.data.packing import chain_units, group_chain_records, make_collator
 from dreamprm.data.records import (DataValidationError, ImageChecker, MetaRecord, TrainRecord, load_meta_records,
@@ -43,6 +45,9 @@ def deepspeed_config(config: TrainConfig, info: DistInfo) -> dict[str, Any]:
             f"--hypergrad fd needs --precision fp32: with {config.optim.precision} parameters the perturbation "
             "εv is mostly rounded away (measured: 23-88% error at 2B). Use --hypergrad exact (the default, "
             "ε-free, accurate in bf16) or --hypergrad fd_bf16_naive to reproduce the original.")
+    if info.rank == 0:  # before any model is loaded
+        for line in numerics_warnings(config):
+            print(f"warning: {line}", file=sys.stderr, flush=True)
     return ds_config
 
 
