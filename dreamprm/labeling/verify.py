@@ -7,8 +7,8 @@
             ("B", "(b)", "B. 42") or by the option's text
     math    math-verify (HF's verifier: LaTeX, fractions, sets, units in ``\\text{}``); needs the
             ``label`` extra
-    auto    choice when the question has options, else number when the ground truth is one number,
-            else math (exact when math-verify is not installed), and exact as a last resort
+    auto    choice when the question has options; else right when number says so (a numeric ground
+            truth) or math does (exact when math-verify is not installed)
 
 A verifier is ``(answer, ground_truth, choices) -> bool``; an answer of None (the chain gave none)
 is wrong. Register another with `register`.
@@ -138,8 +138,9 @@ def verify_auto(answer: str | None, truth: str, choices: tuple = ()) -> bool:
         return False
     if choices:
         return verify_choice(answer, truth, choices)
-    if read_number(truth) is not None:
-        return verify_number(answer, truth) or verify_exact(answer, truth)
+    if read_number(truth) is not None and verify_number(answer, truth):
+        return True
+    # A number written another way ("\\frac{1}{2}" for 0.5) or an expression: math-verify decides.
     if _math_available():
         return verify_math(answer, truth)
     return verify_exact(answer, truth)
