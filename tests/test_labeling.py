@@ -137,6 +137,18 @@ def test_missing_policy_exits_2_before_writing(tmp_path, capsys):
     assert code == 2 and "--policy" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
+def test_vllm_engine_without_vllm_names_the_extra(tiny_model, tmp_path, capsys):
+    try:
+        import vllm  # noqa: F401
+        pytest.skip("vLLM is installed here")
+    except ImportError:
+        pass
+    path = write_questions(tmp_path / "q.json", [question(0)])
+    code = main(["--questions", str(path), "--policy", str(tiny_model), "--out", str(tmp_path / "out"),
+                 "--engine", "vllm"])
+    assert code == 2 and "pip install '.[vllm]'" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
 # ------------------------------------------------------------------------------------ shards
 def test_shards_split_every_id_once():
     ids = [f"q{i}" for i in range(500)]

@@ -40,6 +40,12 @@ def label(config: LabelConfig, stop: StopRequest) -> int:
     except ImportError as err:
         raise ConfigError(f"--verifier {config.verifier}: {err}") from None
     policy = check_policy(config.policy)
+    if config.engine == "vllm":
+        from dreamprm.labeling.engines.vllm_engine import import_vllm
+        try:
+            import_vllm()  # before the shard file is opened: a missing extra writes nothing
+        except ImportError as err:
+            raise ConfigError(str(err)) from None
     mine = [q for q in questions if in_shard(q.qid, index, count)]
     identity = {**config.identity(), "questions": str(Path(config.questions).resolve()), "policy": str(policy),
                 "shard": f"{index}/{count}"}
