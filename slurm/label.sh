@@ -26,7 +26,7 @@
 #   # or chained: sbatch --dependency=afterok:<array job id> --wrap "python launch/label.py merge --out runs/label"
 #
 # Environment variables (sbatch exports the submitting shell's environment):
-#   DREAMPRM_REPO  repository root (found as slurm/train_2b.sh finds it)
+#   DREAMPRM_REPO  repository root; default: the folder sbatch was run from
 #   PYTHON         interpreter; default: python
 #   QUESTIONS      questions file (required)
 #   POLICY         policy model directory (required)
@@ -40,23 +40,13 @@
 # preempts); it finishes the question at hand, exits 75, and this script requeues the array task.
 set -uo pipefail
 
-_dreamprm_find_repo() {
-    local c cmd
-    c="$(dirname "${BASH_SOURCE[0]}")/.."
-    if [[ -f "$c/slurm/common.sh" ]]; then (cd "$c" && pwd); return; fi
-    if [[ -n "${SLURM_JOB_ID:-}" ]]; then  # sbatch runs a copy: ask Slurm for the original path
-        cmd=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | sed -n 's/^ *Command=\([^ ]*\).*/\1/p')
-        if [[ -n "$cmd" && "$cmd" != /* ]]; then cmd="${SLURM_SUBMIT_DIR:-.}/$cmd"; fi
-        c="$(dirname "${cmd:-/nonexistent/x}")/.."
-        if [[ -f "$c/slurm/common.sh" ]]; then (cd "$c" && pwd); return; fi
-    fi
-    for c in "${SLURM_SUBMIT_DIR:-.}" "${SLURM_SUBMIT_DIR:-.}/.."; do
-        if [[ -f "$c/slurm/common.sh" ]]; then (cd "$c" && pwd); return; fi
-    done
-    echo "cannot find the DreamPRM-DS repository: set DREAMPRM_REPO" >&2
-    return 1
-}
-DREAMPRM_REPO=${DREAMPRM_REPO:-$(_dreamprm_find_repo)} || exit 2
+# sbatch runs a copy of this script from the spool folder, so the repository is the submit folder
+# (or DREAMPRM_REPO), not the script's own folder.
+DREAMPRM_REPO=${DREAMPRM_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}
+if [[ ! -f "$DREAMPRM_REPO/slurm/common.sh" ]]; then
+    echo "$DREAMPRM_REPO is not the DreamPRM-DS repository: submit from its root or set DREAMPRM_REPO" >&2
+    exit 2
+fi
 # shellcheck source=slurm/common.sh
 source "$DREAMPRM_REPO/slurm/common.sh"
 

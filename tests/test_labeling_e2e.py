@@ -128,10 +128,19 @@ def test_stopped_and_killed_shard_resumes_to_the_same_records(tiny_model, tmp_pa
     survived = done_count(shard)  # the kill may land after one more question was written
     assert survived >= killed_at
     resumed = run(label_command(entry, questions, tiny_model, cut))
-    assert f"{survived} done before, {8 - survived} to do" in resumed.stderr
-
     assert (cut / "shard-00000-of-00001.jsonl").read_text() == (whole / "shard-00000-of-00001.jsonl").read_text()
+    assert f"{survived} done before, {8 - survived} to do" in resumed.stderr
     for out in (whole, cut):
         run([sys.executable, "-m", "dreamprm.labeling", "merge", "--out", str(out)])
     for name in ("train.json", "meta.json", "candidates.json"):
         assert (cut / name).read_text() == (whole / name).read_text(), name
+
+
+@pytest.mark.benchmark
+def test_throughput_benchmark_reports_rates(tiny_model, tmp_path):
+    report = tmp_path / "throughput.json"
+    run([sys.executable, "benchmarks/labeling_throughput.py", "--model_dir", str(tiny_model), "--steps", "2",
+         "--rollouts", "2", "--max_new_tokens", "4", "--rounds", "1", "--json", str(report)])
+    [result] = read_json(report)["results"]
+    assert result["engine"] == "transformers" and result["rollouts"] == 4
+    assert 4 <= result["tokens"] <= 16 and result["rollouts_per_s"] > 0 and result["tokens_per_s"] > 0
