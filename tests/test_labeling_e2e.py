@@ -144,3 +144,13 @@ def test_throughput_benchmark_reports_rates(tiny_model, tmp_path):
     [result] = read_json(report)["results"]
     assert result["engine"] == "transformers" and result["rollouts"] == 4
     assert 4 <= result["tokens"] <= 16 and result["rollouts_per_s"] > 0 and result["tokens_per_s"] > 0
+
+
+@pytest.mark.parametrize("command", [[], ["merge"], ["import-visualprm"]])
+def test_module_help_lists_the_flags(command):
+    proc = subprocess.run([sys.executable, "-m", "dreamprm.labeling", *command, "--help"], cwd=REPO, env=base_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"usage: {' '.join(['python -m dreamprm.labeling', *command])} ")
+    assert {"": "--max_rollouts", "merge": "--balance_meta", "import-visualprm": "--image_prefix"}[" ".join(command)] \
+        in proc.stdout
