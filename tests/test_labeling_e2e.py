@@ -53,7 +53,7 @@ def run(command: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
 
 
 def test_questions_to_trained_prm_to_best_of_n(tiny_model, tmp_path):
-    questions = write_questions(tmp_path / "questions.jsonl", {"train": 8, "meta": 8, "test": 4})
+    questions = write_questions(tmp_path / "questions.jsonl", {"train": 4, "meta": 4, "test": 4})
     out = tmp_path / "label"
     shards = [subprocess.Popen(label_command(entry, questions, tiny_model, out, "--shard", f"{i}/2"), cwd=REPO,
                                env=base_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -66,13 +66,13 @@ def test_questions_to_trained_prm_to_best_of_n(tiny_model, tmp_path):
     assert "train.json" in merged.stdout and "candidates.json" in merged.stdout
 
     train = read_json(out / "train.json")
-    assert len(train) == 8 * 2 and {r["id"] for r in train} == {f"train-{i}-{c}" for i in range(8) for c in range(2)}
+    assert len(train) == 4 * 2 and {r["id"] for r in train} == {f"train-{i}-{c}" for i in range(4) for c in range(2)}
     for r in train:
         assert set(r) == {"id", "sid", "input", "add", "ground_truth", "image_path", "dataset", "score", "times",
                           "accuracy"}
         assert r["add"] == "Step 1: I count the shapes." and r["sid"] == 1
         assert r["times"] == 2 and r["accuracy"] == r["score"] / r["times"]
-    assert len(load_train_records(out / "train.json")) == 16  # the trainer's own validation
+    assert len(load_train_records(out / "train.json")) == 8  # the trainer's own validation
     meta = load_meta_records(out / "meta.json")
     labels = [m.label for m in meta]
     assert 0 < sum(labels) < len(labels) and sum(labels) * 2 == len(labels)  # balanced per domain
