@@ -89,6 +89,14 @@ class MetricsLogger:
                 self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()},
                                      refresh=False)
 
+    def end_progress(self, step: int) -> None:
+        """Bring the bar to `step` (steps since the last log line were not counted yet) and close it, so
+        that its last line shows the final step once and the messages after it stand alone."""
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.close()
+            self.bar = None
+
     def info(self, message: str) -> None:
         if self.enabled:
             (self.bar.write if self.bar is not None else print)(message)

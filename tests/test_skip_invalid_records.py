@@ -7,7 +7,7 @@ import json
 import pytest
 
 from conftest import DEMO, run_trains, small_run_args
-from dreamprm.build import reason_counts, split_record_problems
+from dreamprm.preflight import reason_counts, split_record_problems
 
 
 def test_record_problems_are_grouped_per_record_and_file_problems_stay_fatal():
