@@ -93,7 +93,7 @@ class MetricsLogger:
         """Bring the bar to `step` (steps since the last log line were not counted yet) and close it, so
         that its last line shows the final step once and the messages after it stand alone."""
         if self.bar is not None:
-            self.bar.update(step - self.bar.n)
+            self.bar.n = step  # no update(): it would draw the bar once more before close() draws it
             self.bar.close()
             self.bar = None
 
