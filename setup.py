@@ -28,5 +28,6 @@ setup(
         "dreamprm-train=dreamprm.cli:main_train",
         "dreamprm-tiny-model=dreamprm.model.tiny:main",
         "dreamprm-bestofn=dreamprm.cli:main_bestofn",
+        "dreamprm-clean=dreamprm.clean:console",
     ]},
 )
