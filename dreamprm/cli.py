@@ -40,9 +40,10 @@ def run_training(argv: list[str], prog: str = "launch/train.py") -> int:
         records = check_training(config, launcher_world_size())
     except StartupError as err:
         return user_error(str(err), rank)
-    note = recipe_note(config)
-    if note and rank == 0:
-        print(note, file=sys.stderr, flush=True)
+    if rank == 0:
+        for line in [recipe_note(config)] + [f"WARNING: {w}" for w in records.warnings]:
+            if line:
+                print(line, file=sys.stderr, flush=True)
     # Only now the heavy imports (torch, transformers, DeepSpeed: ~10 s) and the process group.
     from dreamprm.checkpoint import CheckpointWriteError
     from dreamprm.distributed.engine import init_distributed, shutdown

@@ -16,7 +16,7 @@ import copy
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ class Records:
     train: list[TrainRecord]
     meta: list[MetaRecord]
     skipped: list[dict[str, Any]]  # --skip_invalid_records: {"file", "record", "reasons"} per record left out
+    warnings: list[str] = field(default_factory=list)  # printed once at start-up (`learning_warnings`)
 
 
 def launcher_world_size() -> int:
@@ -90,6 +91,7 @@ def check_training(config: TrainConfig, world_size: int) -> Records:
         shown = problems[:MAX_REPORTED_PROBLEMS]
         more = [f"... and {len(problems) - len(shown)} more problems"] if len(problems) > len(shown) else []
         raise StartupError(shown + more + image_root_hint(problems, config))
+    records.warnings = learning_warnings(settled, records, world_size)
     return records
 
 
@@ -130,8 +132,10 @@ def path_problems(config: TrainConfig) -> list[str]:
             found.append(f"--weights_path {out}: exists and is not a folder")
         else:
             existing = next(p for p in [out, *out.absolute().parents] if p.exists())
-            if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-                found.append(f"--weights_path {out}: not writable ({existing} cannot be written to)")
+            if not existing.is_dir():
+                found.append(f"--weights_path {out}: not writable ({existing} is a file, not a folder)")
+            elif not os.access(existing, os.W_OK | os.X_OK):
+                found.append(f"--weights_path {out}: not writable (no write permission in {existing})")
     return found
 
 
@@ -227,7 +231,7 @@ def load_records(config: TrainConfig, world_size: int) -> Records:
 def learning_problems(config: TrainConfig, records: Records, world_size: int) -> list[str]:
     """Configurations under which the upper level can never move a weight: refused, since such a
     run would train to the end, exit 0, and say nothing (the rest are warned about at run time)."""
-    b, o, run = config.bilevel, config.optim, config.run
+    b = config.bilevel
     if b.baseline:
         return []
     found = []
@@ -242,14 +246,24 @@ def learning_problems(config: TrainConfig, records: Records, world_size: int) ->
         found.append(f"{config.data.train_json_file}: dataset: every training record is in domain {domains[0]!r}, and "
                      "one domain's weight is 1 by construction (weights have mean 1): give records of several "
                      "domains, or train with --baseline (vanilla) or --weighting instance")
+    return found
+
+
+def learning_warnings(config: TrainConfig, records: Records, world_size: int) -> list[str]:
+    """What leaves the weights where they are in this run but may be meant (a first stage of a run
+    continued with --resume): said once, loudly, at start-up."""
+    b, o, run = config.bilevel, config.optim, config.run
+    if b.baseline:
+        return []
     # Lower steps the data allows (the sampler's batches per epoch, rounded up to stay on the safe side).
     per_epoch = math.ceil(len(records.train) / max(1, o.batch_size * world_size * o.gradiant_accumulation))
     steps = min(run.iteration_num, run.max_epoch * per_epoch)
-    if steps < b.unroll_steps:
-        found.append(f"--unroll_steps {b.unroll_steps}: the run makes only {steps} lower step(s) (--iteration_num "
-                     f"{run.iteration_num}, --max_epoch {run.max_epoch}), so no upper step would ever run: raise "
-                     f"--iteration_num to {b.unroll_steps} or more, or lower --unroll_steps")
-    return found
+    if steps < b.unroll_steps and not run.resume:
+        return [f"--unroll_steps {b.unroll_steps}: this run makes only {steps} lower step(s) (--iteration_num "
+                f"{run.iteration_num}, --max_epoch {run.max_epoch}), so no upper step runs and the domain weights "
+                f"stay at 1 unless the run is continued with --resume: raise --iteration_num to {b.unroll_steps} "
+                "or more, or lower --unroll_steps"]
+    return []
 
 
 def image_root_hint(problems: list[str], config: TrainConfig) -> list[str]:
