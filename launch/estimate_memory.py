@@ -211,6 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep_last", type=int, default=RunConfig.keep_last,
                    help="the trainer's --keep_last, for the disk a run needs")
     args = p.parse_args(argv)
+    bad = [f"--{name} must be >= {low}, got {value}" for name, low in (("nodes", 1), ("gpus_per_node", 1), ("keep_last", 0))
+           if (value := getattr(args, name)) is not None and value < low]
+    if bad:
+        p.error("; ".join(bad))  # exit 2, one error line, before anything is computed
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # only the estimator is used; no device probe
 
     if args.model is None and args.nodes is None and args.gpus_per_node is None:
