@@ -174,9 +174,9 @@ class TrainConfig:
             if not (math.isfinite(value) and value >= 0):
                 found.append(f"--{name}: must be a number >= 0, got {value}")
         if self.bilevel.weighting != "domain" and not self.bilevel.baseline and self.bilevel.hypergrad == "exact":
-            found.append(f"--weighting {self.bilevel.weighting} needs every record's directional derivative, which "
-                         "--hypergrad exact would take one backward pass per record to give: use --hypergrad fd "
-                         "--precision fp32 (all records' derivatives from the same two forwards)")
+            found.append(f"--weighting {self.bilevel.weighting} needs every record's directional derivative: "
+                         "--hypergrad fd --precision fp32 gives all of them from the same two forwards "
+                         "(--hypergrad exact would take one backward pass per record)")
         if self.data.num_workers < 0:
             found.append(f"--num_workers: must be >= 0, got {self.data.num_workers}")
         if self.run.keep_last < 0:

@@ -68,7 +68,7 @@ def test_instance_weights_in_bf16_are_told_to_add_fp32_not_to_use_exact():
     [message] = problems("--weighting", "instance", "--hypergrad", "fd")
     assert "Add --precision fp32" in message and "--hypergrad exact" not in message
     [message] = problems("--weighting", "instance")
-    assert "use --hypergrad fd --precision fp32" in message
+    assert "--hypergrad fd --precision fp32 gives all of them" in message
     check("--weighting", "instance", "--hypergrad", "fd", "--precision", "fp32")  # the advice, followed, passes
 
 
