@@ -77,14 +77,14 @@ def bad_train(record: dict, expect: Callable[[Path], str]) -> Callable[[Path], S
     """Record 1 of the training file is `record`; the message must name `FILE:record 1: field: ...`."""
     def build(tmp: Path) -> Setup:
         t, _, flags = data_files(tmp, train=[good_train(), record])
-        return Setup(flags, ["1 problem(s) in the input data", f"{t}:record 1: " + expect(tmp)])
+        return Setup(flags, [f"error: {t}:record 1: " + expect(tmp)])
     return build
 
 
 def bad_meta(record: dict, expect: Callable[[Path], str]) -> Callable[[Path], Setup]:
     def build(tmp: Path) -> Setup:
         _, m, flags = data_files(tmp, meta=[good_meta(), record])
-        return Setup(flags, ["1 problem(s) in the input data", f"{m}:record 1: " + expect(tmp)])
+        return Setup(flags, [f"error: {m}:record 1: " + expect(tmp)])
     return build
 
 
