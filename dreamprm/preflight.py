@@ -250,26 +250,36 @@ def learning_problems(config: TrainConfig, records: Records, world_size: int) ->
 
 
 def learning_warnings(config: TrainConfig, records: Records, world_size: int) -> list[str]:
-    """What leaves the weights where they are in this run but may be meant (a first stage of a run
-    continued with --resume): said once, loudly, at start-up."""
+    """What may be meant but is worth a loud word once, at start-up: a run that leaves the weights
+    where they are (a first stage continued with --resume), a fresh run in a folder of checkpoints."""
     b, o, run = config.bilevel, config.optim, config.run
+    found = []
+    if run.weights_path and not run.resume:
+        existing = complete_checkpoints(Path(run.weights_path) / CHECKPOINTS)
+        if existing:
+            found.append(f"--weights_path {run.weights_path} already holds checkpoints (newest {existing[-1].name}) "
+                         "and --resume is not given: this run starts from scratch in that folder; add --resume auto "
+                         "to continue it instead")
     if b.baseline:
-        return []
+        return found
     # Lower steps the data allows (the sampler's batches per epoch, rounded up to stay on the safe side).
     per_epoch = math.ceil(len(records.train) / max(1, o.batch_size * world_size * o.gradiant_accumulation))
     steps = min(run.iteration_num, run.max_epoch * per_epoch)
     if steps < b.unroll_steps and not run.resume:
-        return [f"--unroll_steps {b.unroll_steps}: this run makes only {steps} lower step(s) (--iteration_num "
+        found.append(f"--unroll_steps {b.unroll_steps}: this run makes only {steps} lower step(s) (--iteration_num "
                 f"{run.iteration_num}, --max_epoch {run.max_epoch}), so no upper step runs and the domain weights "
                 f"stay at 1 unless the run is continued with --resume: raise --iteration_num to {b.unroll_steps} "
-                "or more, or lower --unroll_steps"]
-    return []
+                "or more, or lower --unroll_steps")
+    return found
 
 
 def image_root_hint(problems: list[str], config: TrainConfig) -> list[str]:
     """Missing images resolve against each JSON file's folder unless --image_root says otherwise: say so once."""
-    if config.data.image_root is not None or not any("image file" in p and "does not exist" in p for p in problems):
+    if not any("image file" in p and "does not exist" in p for p in problems):
         return []
+    if config.data.image_root is not None:
+        return [f"--image_root {config.data.image_root}: relative image paths resolve against it; leave it out if "
+                "they are relative to each JSON file's folder"]
     folders = sorted({str(Path(f).resolve().parent) for f in (config.data.train_json_file,
                                                                config.data.meta_json_file)})
     return [f"--image_root: relative image paths resolve against each JSON file's folder ({', '.join(folders)}); "

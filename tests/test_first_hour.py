@@ -123,6 +123,13 @@ def test_too_few_steps_for_an_upper_step_is_warned_about():
     assert check("--iteration_num", "5").warnings == []
 
 
+def test_a_fresh_run_in_a_folder_of_checkpoints_is_warned_about(tmp_path):
+    make_checkpoint(tmp_path / "run", 10)
+    [warning] = check("--weights_path", str(tmp_path / "run")).warnings
+    assert "already holds checkpoints (newest step_00000010)" in warning and "--resume auto" in warning
+    assert check("--weights_path", str(tmp_path / "run"), "--resume", "auto").warnings == []
+
+
 def test_the_flag_free_run_says_which_recipe_it_trains():
     from dreamprm.cli import recipe_note
     note = recipe_note(parse_args(["--deepspeed", str(REPO / "ds_configs" / "zero3.json")]))
