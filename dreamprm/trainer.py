@@ -36,6 +36,10 @@ from dreamprm.preflight import Records, load_records
 from dreamprm.summary import write_domain_weight_summary, write_instance_weight_report
 
 
+# Upper steps without signal that make the trainer warn, once they are also half of the upper steps.
+MIN_SILENT_STEPS = 4
+
+
 class TrainingAborted(RuntimeError):
     """Training cannot go on (e.g. too many non-finite updates in a row); a checkpoint was written."""
 
@@ -109,6 +113,7 @@ class Trainer:
             [self.domains[r.domain] for r in self.train_records], dtype=torch.int32)  # for the histograms
         self._logged_step = self.state.step
         self._never_seen: torch.Tensor | None = None  # domains whose d_k was 0 in every upper step so far
+        self._no_signal = 0  # upper steps whose directional derivatives were all exactly 0
         self._warned_no_signal = False
 
     # ------------------------------------------------------------------ resume
@@ -311,17 +316,23 @@ class Trainer:
         self.log_upper(result, seconds)
 
     def watch_signal(self, result: UpperResult) -> None:
-        """Warn once, loudly, when an upper step had nothing to learn from, and remember the domains
-        that never had a directional derivative (`finish` names them). The configurations that can be
-        known at start-up are refused by `dreamprm.preflight`; these depend on the batches drawn."""
+        """Count the upper steps that had nothing to learn from, warn once, loudly, when they are half
+        or more of the upper steps so far, and remember the domains that never had a directional
+        derivative (`finish` names them). The configurations that can be known at start-up are refused
+        by `dreamprm.preflight`; these depend on the batches drawn. (A few such steps are normal: the
+        demo's balanced meta set gives a meta batch without a (right, wrong) pair now and then.)"""
         zero = (result.directional == 0).cpu()
         self._never_seen = zero if self._never_seen is None else self._never_seen & zero
-        if result.applied and bool(zero.all()) and not self._warned_no_signal:
+        if not (result.applied and bool(zero.all())):
+            return
+        self._no_signal += 1
+        upper = self.state.upper_steps
+        if self._no_signal >= MIN_SILENT_STEPS and 2 * self._no_signal >= upper and not self._warned_no_signal:
             self._warned_no_signal = True
-            self.logger.info(f"WARNING: upper step {self.state.upper_steps} (after step {self.state.step}) had no signal: "
-                             "every domain's directional derivative is exactly 0, so no weight moved. Under --meta_loss "
-                             "pairwise this happens when a meta batch holds no (right, wrong) pair: raise "
-                             "--meta_batch_size or balance the meta set. (Warned once.)")
+            self.logger.info(f"WARNING: {self._no_signal} of {upper} upper steps so far had no signal (every domain's "
+                             "directional derivative exactly 0), so the weights barely move. Under --meta_loss pairwise "
+                             "this happens when a meta batch holds no (right, wrong) pair: raise --meta_batch_size or "
+                             "balance the meta set. (Warned once.)")
 
     def _count_bad(self, level: str) -> None:
         """Count a skipped update; too many in a row stop the run with a checkpoint of the last good state."""
@@ -431,6 +442,9 @@ class Trainer:
                              f"({self.state.upper_steps} upper steps): their weights moved only through the mean-1 "
                              "normalisation, not from their own data. Train longer, or use a larger --batch_size "
                              "(and --hypergrad_batches segment, the default).")
+        if self._no_signal and not self._warned_no_signal:
+            self.logger.info(f"note: {self._no_signal} of {self.state.upper_steps} upper steps had no signal (a meta "
+                             "batch without a (right, wrong) pair under --meta_loss pairwise)")
         if self.engine.is_main:
             write_domain_weight_summary(self.output, weights, self.domain_weights.logits.detach().tolist())
             if self.instance_weights is not None:

@@ -130,6 +130,41 @@ def test_a_fresh_run_in_a_folder_of_checkpoints_is_warned_about(tmp_path):
     assert check("--weights_path", str(tmp_path / "run"), "--resume", "auto").warnings == []
 
 
+class Said:
+    """The trainer's logger as far as these warnings use it: what was said."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def info(self, message: str) -> None:
+        self.lines.append(message)
+
+
+def test_upper_steps_without_signal_are_warned_about_once_when_they_dominate():
+    import torch
+
+    from dreamprm.bilevel.upper import UpperResult
+    from dreamprm.trainer import MIN_SILENT_STEPS, Trainer, TrainState
+
+    trainer = Trainer.__new__(Trainer)  # the counting alone: no engine is needed for it
+    trainer.state, trainer.logger = TrainState(), Said()
+    trainer._never_seen, trainer._no_signal, trainer._warned_no_signal = None, 0, False
+
+    def upper(*d: float) -> None:
+        trainer.state.upper_steps += 1
+        trainer.watch_signal(UpperResult(0.7, torch.tensor(d), torch.zeros(len(d)), 1.0, None, True))
+
+    upper(0.1, 0.0, 0.2)  # domain 1 absent from this step's batches
+    for _ in range(MIN_SILENT_STEPS - 1):
+        upper(0.0, 0.0, 0.0)
+    assert trainer.logger.lines == []  # 3 of 4: not yet
+    upper(0.0, 0.0, 0.0)
+    assert len(trainer.logger.lines) == 1 and trainer.logger.lines[0].startswith("WARNING: 4 of 5 upper steps")
+    upper(0.0, 0.0, 0.0)
+    assert len(trainer.logger.lines) == 1  # once
+    assert trainer._never_seen.tolist() == [False, True, False]
+
+
 def test_the_flag_free_run_says_which_recipe_it_trains():
     from dreamprm.cli import recipe_note
     note = recipe_note(parse_args(["--deepspeed", str(REPO / "ds_configs" / "zero3.json")]))
