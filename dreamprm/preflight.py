@@ -13,6 +13,7 @@ modules; `tests/test_first_hour.py` checks that it stays so.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import re
@@ -58,6 +59,7 @@ def launcher_world_size() -> int:
 
 
 def launcher_rank() -> int:
+    """This process's rank as the launcher announced it (0 for a plain `python`): who prints the errors."""
     for key in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
         if os.environ.get(key, "").isdigit():
             return int(os.environ[key])
@@ -175,7 +177,7 @@ def newest_hint(run_or_checkpoints: Path | None) -> str:
 
 
 def checkpoint_problems(folder: Path, world_size: int) -> list[str]:
-    import json
+    """A complete checkpoint (every file of its manifest present) written by `world_size` ranks."""
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
     except (OSError, ValueError) as err:
