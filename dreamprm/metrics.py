@@ -84,7 +84,10 @@ class MetricsLogger:
 
     def progress(self, steps: int, **postfix: Any) -> None:
         if self.bar is not None:
-            self.bar.update(steps)
+            if self.bar.n + steps >= self.bar.total:
+                self.bar.n += steps  # not drawn here: end_progress's close() draws the last line, once
+            else:
+                self.bar.update(steps)
             if postfix:
                 self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()},
                                      refresh=False)

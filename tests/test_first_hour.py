@@ -192,12 +192,14 @@ def test_the_progress_bar_ends_on_the_last_step_once(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "stderr", err)
     logger = MetricsLogger(tmp_path, True, total_steps=5)
     logger.bar.mininterval = 0  # as in a real run, where the last refresh was long ago: any update draws
-    logger.end_progress(5)  # log_every was never reached: nothing was counted yet
+    logger.progress(2)
+    logger.progress(3)  # a log line at the last step
+    logger.end_progress(5)
     logger.info("done at step 5")
     logger.close()
     frames = [f for f in err.getvalue().replace("\n", "\r").split("\r") if "/5" in f]
     assert frames[-1].strip().startswith("train: 100%") and " 5/5 " in frames[-1], frames
-    assert sum(" 5/5 " in f for f in frames) == 1, frames
+    assert sum(" 5/5 " in f for f in frames) == 1 and any(" 2/5 " in f for f in frames), frames
     assert logger.bar is None  # closed: the message after it is printed on its own line
 
 
@@ -307,6 +309,11 @@ def test_the_cleaning_recipe_of_the_readme_runs_as_printed(tiny_model, tmp_path)
     assert (second / "checkpoints" / "step_00000005" / "manifest.json").is_file()
     frames = [f for f in proc.stderr.replace("\n", "\r").split("\r") if f.startswith("train:")]
     assert " 5/5 " in frames[-1] and sum(" 5/5 " in f for f in frames) == 1, frames  # log_every 2: 4 counted
+    # The last step on a log line (--log_every 5): still one last line.
+    proc = run_train(small_run_args(tiny_model, tmp_path / "five", "--iteration_num", "5", "--batch_size", "4",
+                                    "--log_every", "5", "--no-export"))
+    frames = [f for f in proc.stderr.replace("\n", "\r").split("\r") if f.startswith("train:")]
+    assert " 5/5 " in frames[-1] and sum(" 5/5 " in f for f in frames) == 1, frames
     # A resume the trainer refuses after its start-up checks (another head) leaves nothing behind.
     refused = tmp_path / "refused"
     proc = run_train(small_run_args(tiny_model, refused, "--resume", str(run / "checkpoints" / "step_00000005"),
