@@ -35,5 +35,6 @@ setup(
         "dreamprm-tiny-model=dreamprm.model.tiny:main",
         "dreamprm-bestofn=dreamprm.cli:main_bestofn",
         "dreamprm-label=dreamprm.cli:main_label",
+        "dreamprm-clean=dreamprm.clean:console",
     ]},
 )

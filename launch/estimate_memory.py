@@ -244,6 +244,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="tokens of the largest upper-level pass per rank (the packed meta batch), for the cost "
                         "of --upper_precision fp32")
     args = p.parse_args(argv)
+    bad = [f"--{name} must be >= {low}, got {value}" for name, low in (("nodes", 1), ("gpus_per_node", 1), ("keep_last", 0))
+           if (value := getattr(args, name)) is not None and value < low]
+    if bad:
+        p.error("; ".join(bad))  # exit 2, one error line, before anything is computed
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # only the estimator is used; no device probe
 
     if args.model is None and args.nodes is None and args.gpus_per_node is None:
