@@ -106,7 +106,7 @@ class BilevelConfig:
     upper_precision: str = _f("fp32", "arithmetic of the upper level's passes (meta-gradient, exact's per-domain "
                               "backward passes): 'fp32' on the engine's bf16/fp16 parameters as they are (the "
                               "directional derivatives are small differences: in bf16 arithmetic the pairwise "
-                              "objective's were off by up to 63%, signs wrong; docs/hypergradient.md) or 'engine' "
+                              "objective's were off by up to 63%%, signs wrong; docs/hypergradient.md) or 'engine' "
                               "(the engine's precision: faster, accurate for fp32 engines only)",
                               choices=UPPER_PRECISIONS)
     fd_radius: float = _f(0.01, "finite difference: ε = fd_radius / ||v||")

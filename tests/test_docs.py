@@ -60,9 +60,13 @@ def entry_point_flags() -> dict[str, set[str]]:
     from dreamprm.clean import build_parser as clean_parser
     from dreamprm.config import build_parser as train_parser
     train, bestofn, clean = _flags_of(train_parser()), _flags_of(bestofn_parser()), _flags_of(clean_parser())
+    from dreamprm.labeling.config import COMMANDS as LABEL_COMMANDS, build_parser as label_parser
+    # dreamprm-label and its subcommands (merge, import-visualprm): a flag of any of them.
+    label = set().union(*(_flags_of(label_parser(c)) for c in [None, *LABEL_COMMANDS]))
     table = {"launch/train.py": train, "dreamprm-train": train, "launch/bestofn.py": bestofn,
              "dreamprm.bestofn": bestofn, "dreamprm-bestofn": bestofn, "launch/clean.py": clean,
-             "dreamprm.clean": clean, "dreamprm-clean": clean}
+             "dreamprm.clean": clean, "dreamprm-clean": clean, "launch/label.py": label,
+             "dreamprm.labeling": label, "dreamprm-label": label}
     # Scripts with their own argparse (and modules that import torch): the flags their source defines.
     tiny = REPO / "dreamprm" / "model" / "tiny.py"
     table["dreamprm-tiny-model"] = set(re.findall(r"""["'](--[a-zA-Z][\w-]*)["']""", tiny.read_text(encoding="utf-8")))
