@@ -23,7 +23,9 @@ setup(
         "safetensors>=0.4",
         "tokenizers>=0.20",
     ],
-    extras_require={"test": ["pytest>=8", "playwright>=1.40"]},
+    # Trackers beside TensorBoard (--report_to): imported only when asked for.
+    extras_require={"wandb": ["wandb>=0.19"], "mlflow": ["mlflow>=2.16"],
+                    "test": ["pytest>=8", "playwright>=1.40", "wandb>=0.19", "mlflow>=2.16"]},
     entry_points={"console_scripts": [
         "dreamprm-train=dreamprm.cli:main_train",
         "dreamprm-tiny-model=dreamprm.model.tiny:main",
