@@ -40,8 +40,13 @@ def require_extras(names: Sequence[str]) -> None:
     rank 0 opens them, and a failure there alone would leave the other ranks waiting)."""
     import importlib.util
     for name in names:
-        if name in ("wandb", "mlflow") and importlib.util.find_spec(name) is None:
-            _import_extra(name, name)  # raises the ConfigError that names the extra
+        if name in ("wandb", "mlflow"):
+            try:
+                found = importlib.util.find_spec(name) is not None
+            except ValueError:  # in sys.modules as None: an import of it fails
+                found = False
+            if not found:
+                _import_extra(name, name)  # raises the ConfigError that names the extra
 
 
 def _import_extra(module: str, tracker: str) -> Any:
@@ -106,6 +111,9 @@ class WandbTracker:
 
     def close(self) -> None:
         self.run.finish()
+        # finish() can return before the W&B service has written the run file (seen offline: the
+        # last history records missing right after it); teardown waits for the service to end.
+        self.wandb.teardown()
 
 
 def mlflow_tracking_uri(folder: Path, uri: str | None) -> str:
