@@ -257,3 +257,27 @@ def test_watched_run(watched_run, tmp_path):
     else:
         assert after == best and (out / "checkpoints" / best["folder"]).is_dir()
         assert "new best" not in resumed.stdout + resumed.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.browser
+def test_eval_curves_in_the_tensorboard_dashboard(watched_run, tmp_path):
+    """The run's Best-of-N curves, drawn by the real TensorBoard in headless Chromium."""
+    from tensorboard_view import chromium_available, screenshot_dashboard
+    ok, why = chromium_available()
+    if not ok:
+        pytest.skip(f"no headless browser: {why}")
+    out = watched_run[0]
+    steps = {tag: [s for s, _ in series] for tag, series in read_scalars(out / "tb").items() if tag.startswith("eval/")}
+    png = tmp_path / "tensorboard_eval.png"
+    info = screenshot_dashboard(out, png, tag_filter="eval/", timeout_s=90)
+    (DEMO.parent.parent / "tests" / "artifacts").mkdir(exist_ok=True)
+    shutil.copyfile(png, DEMO.parent.parent / "tests" / "artifacts" / "tensorboard_eval_curves.png")
+    assert sorted(info["titles"]) == sorted(steps) == ["eval/auc", "eval/best_of_1", "eval/best_of_2", "eval/best_of_4"]
+    for tag, logged in steps.items():
+        assert info["drawn"][tag] >= 1 and info["points"][tag] == len(logged) >= 2, (tag, info)
+    from PIL import Image
+    with Image.open(png) as img:
+        colors = img.convert("RGB").getcolors(maxcolors=1 << 20)
+        assert colors is None or len(colors) > 50  # a drawn dashboard, not a blank page
