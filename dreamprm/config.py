@@ -146,6 +146,9 @@ class WatchConfig:
                                      "ground truth needed) scored by the live PRM every --eval_every steps: "
                                      "eval/best_of_N and eval/auc go to every tracker and the console")
     eval_every: int = _f(50, "lower-level steps between two evaluations (and one at the end)")
+    eval_max_share: float = _f(0.1, "evaluation's share of the run's time at most: an evaluation due while the "
+                               "evaluations so far took more than this share of the time since the start is "
+                               "postponed to the next due step (the last one always runs); 1 never postpones")
     eval_batch_size: int = _f(16, "candidate chains per rank in one evaluation forward pass")
     eval_image_root: str | None = _f(None, "folder the candidates' image paths are relative to (default: the "
                                      "candidates file's folder)")
@@ -170,6 +173,8 @@ class WatchConfig:
         for name in ("eval_every", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name}: must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.eval_max_share <= 1:
+            raise ConfigError(f"--eval_max_share: must be in (0, 1], got {self.eval_max_share}")
         unknown = [n for n in self.trackers if n not in TRACKERS]
         if unknown or len(set(self.trackers)) != len(self.trackers):
             raise ConfigError(f"--report_to {self.report_to}: a comma-separated list of distinct trackers from "

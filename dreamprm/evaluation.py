@@ -138,6 +138,15 @@ def describe(step: int, values: dict[str, float]) -> str:
     return f"eval at step {step}: {shown} ({values.get('seconds', 0.0):.1f} s)"
 
 
+def within_share(eval_seconds: float, run_seconds: float, max_share: float) -> bool:
+    """Whether the evaluations so far stay within `max_share` of the run's time (then the next may run).
+
+    >>> within_share(4.0, 100.0, 0.05), within_share(6.0, 100.0, 0.05), within_share(0.0, 0.0, 0.05)
+    (True, False, True)
+    """
+    return eval_seconds <= max_share * run_seconds
+
+
 def is_better(value: float, best: float | None) -> bool:
     """Every metric here is higher-is-better; the first value is always the best so far."""
     return best is None or value > best

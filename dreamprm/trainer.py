@@ -28,7 +28,7 @@ from dreamprm.data.records import domain_index
 from dreamprm.data.stream import StreamPosition
 from dreamprm.distributed.collectives import gather_object
 from dreamprm.distributed.engine import DistInfo
-from dreamprm.evaluation import Evaluator, describe, is_better, load_eval_questions
+from dreamprm.evaluation import Evaluator, describe, is_better, load_eval_questions, within_share
 from dreamprm.losses import per_sample_mse, weighted_training_loss
 from dreamprm.metrics import MetricsLogger, MetricWindow
 from dreamprm.model.loading import export_prm, resolve_model_dir
@@ -404,6 +404,10 @@ class Trainer:
         due = step % self.config.watch.eval_every == 0 or final
         if self.evaluator is None or not due or (self.last_eval is not None and self.last_eval[0] == step):
             return
+        if not final and not self._eval_within_share():
+            self.logger.info(f"eval at step {step} postponed: evaluation has taken {self.eval_seconds:.1f} s, more "
+                             f"than --eval_max_share {self.config.watch.eval_max_share:g} of the run so far")
+            return
         values = self.evaluator(self.engine)  # collective; the same values on every rank
         self.eval_seconds += values["seconds"]
         self.last_eval = (step, values)
@@ -415,6 +419,12 @@ class Trainer:
             self.checkpointer.set_best(metric, values[metric], step)  # first: the checkpoint holds the record
             folder = self.save_checkpoint()
             self.logger.info(f"new best {metric} {values[metric]:.4f} at step {step}: {folder}")
+
+    def _eval_within_share(self) -> bool:
+        """The same answer on every rank: the largest evaluation time of any rank decides."""
+        seconds = self.engine.all_reduce_max(torch.tensor([self.eval_seconds], dtype=torch.float64,
+                                                          device=self.info.device))
+        return within_share(float(seconds[0]), time.perf_counter() - self._started, self.config.watch.eval_max_share)
 
     # ------------------------------------------------------------------ checkpoint and end
     def save_checkpoint(self, final: bool = False) -> Path:

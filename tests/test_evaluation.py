@@ -28,7 +28,7 @@ from dreamprm.bestofn.selection import select
 from dreamprm.checkpoint import retention_plan
 from dreamprm.config import ConfigError, parse_args
 from dreamprm.data.records import DataValidationError
-from dreamprm.evaluation import Evaluator, auc, load_eval_questions, metric_names
+from dreamprm.evaluation import Evaluator, auc, load_eval_questions, metric_names, within_share
 from dreamprm.summary import RunSummary, write_run_summary
 
 CANDIDATES = DEMO / "candidates.json"
@@ -135,6 +135,7 @@ def test_eval_candidates_need_labels_and_a_metric_they_have(tmp_path):
     (["--report_to", "tensorboard,comet"], "--report_to tensorboard,comet: a comma-separated list"),
     (["--report_to", "wandb,wandb"], "--report_to wandb,wandb"),
     (["--eval_candidates", "x.json", "--eval_every", "0"], "--eval_every: must be >= 1"),
+    (["--eval_max_share", "0"], "--eval_max_share: must be in (0, 1]"),
 ])
 def test_bad_watch_flags_exit_2_naming_the_flag(flags, message, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -148,6 +149,12 @@ def test_watch_flags_parse():
     assert w.trackers == ["tensorboard", "wandb", "mlflow"] and w.keep_best == "auc"
     assert parse_args(["--report_to", "none"]).watch.trackers == []
     assert parse_args([]).watch.trackers == ["tensorboard"]
+
+
+def test_evaluation_share_postpones_only_beyond_the_cap():
+    assert within_share(0.0, 0.0, 0.1)  # the first evaluation always runs
+    assert within_share(10.0, 100.0, 0.1) and not within_share(10.5, 100.0, 0.1)
+    assert within_share(99.0, 100.0, 1.0)
 
 
 def test_retention_spares_the_best_checkpoint(tmp_path):
@@ -194,8 +201,9 @@ def watched_run(tiny_model, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_watched_run(watched_run, tmp_path):
+def test_watched_run(watched_run, tmp_path, monkeypatch):
     out, proc, args, env = watched_run
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # to read the store back here
     tb = read_scalars(out / "tb")
     evals = {tag: dict(series) for tag, series in tb.items() if tag.startswith("eval/")}
     assert sorted(evals) == ["eval/auc", "eval/best_of_1", "eval/best_of_2", "eval/best_of_4"]
