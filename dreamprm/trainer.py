@@ -421,10 +421,12 @@ class Trainer:
             self.logger.info(f"new best {metric} {values[metric]:.4f} at step {step}: {folder}")
 
     def _eval_within_share(self) -> bool:
-        """The same answer on every rank: the largest evaluation time of any rank decides."""
-        seconds = self.engine.all_reduce_max(torch.tensor([self.eval_seconds], dtype=torch.float64,
-                                                          device=self.info.device))
-        return within_share(float(seconds[0]), time.perf_counter() - self._started, self.config.watch.eval_max_share)
+        """The same answer on every rank (each rank's clock differs, and a rank that evaluated alone
+        would wait for the others forever): the largest evaluation time against the shortest run time."""
+        times = torch.tensor([self.eval_seconds, -(time.perf_counter() - self._started)], dtype=torch.float64,
+                             device=self.info.device)
+        eval_seconds, minus_run_seconds = self.engine.all_reduce_max(times).tolist()
+        return within_share(eval_seconds, -minus_run_seconds, self.config.watch.eval_max_share)
 
     # ------------------------------------------------------------------ checkpoint and end
     def save_checkpoint(self, final: bool = False) -> Path:

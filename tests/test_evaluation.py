@@ -187,14 +187,15 @@ def test_summary_names_the_numbers(tmp_path):
 # ---------------------------------------------------------------- a real run
 @pytest.fixture(scope="module")
 def watched_run(tiny_model, tmp_path_factory):
-    """2 ZeRO-3 ranks, 10 steps, evaluation every 5, best by best_of_4 exported, every tracker."""
+    """2 ZeRO-3 ranks, 10 steps, evaluation every 5 (capped to a tiny share of the time: only the first
+    and the last run), best by best_of_4 exported, every tracker."""
     out = tmp_path_factory.mktemp("watched") / "run"
     env = {**base_env(), "WANDB_MODE": "offline", "HOME": str(out.parent)}
     env.pop("MLFLOW_TRACKING_URI", None)
     args = small_run_args(tiny_model, out, "--iteration_num", "10", "--batch_size", "2", "--save_every_iterations",
                           "5", "--keep_last", "1", "--eval_candidates", str(CANDIDATES), "--eval_every", "5",
                           "--keep_best", "best_of_4", "--export_from", "best", "--report_to",
-                          "tensorboard,wandb,mlflow")
+                          "tensorboard,wandb,mlflow", "--eval_max_share", "0.0001")
     proc = run_train(args, nproc=2, env=env)
     return out, proc, args, env
 
@@ -209,6 +210,8 @@ def test_watched_run(watched_run, tmp_path, monkeypatch):
     assert sorted(evals) == ["eval/auc", "eval/best_of_1", "eval/best_of_2", "eval/best_of_4"]
     assert all(sorted(series) == [5, 10] for series in evals.values()), evals
     assert f"eval at step 5: best_of_1 {evals['eval/best_of_1'][5]:.3f}" in proc.stdout + proc.stderr
+    # --eval_max_share 0.0001: the evaluation due at step 10 inside the loop waits; the last one runs.
+    assert "eval at step 10 postponed" in proc.stdout + proc.stderr
 
     # The best checkpoint is kept beside --keep_last 1's newest, and named in best.json.
     best = read_json(out / "checkpoints" / "best.json")
