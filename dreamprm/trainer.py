@@ -166,9 +166,11 @@ class Trainer:
         if best is None or best["metric"] != self.config.watch.keep_best:
             return
         self.checkpointer.set_best(best["metric"], best["value"], best["step"])
-        if self.checkpointer.best_folder() is None and self.engine.is_main:
-            print(f"resume: the best checkpoint {best['folder']} ({best['metric']} {best['value']:.4f}) is gone; "
-                  "its value still has to be beaten", flush=True)
+        if self.engine.is_main:
+            gone = "; that checkpoint is gone, its value still has to be beaten" \
+                if self.checkpointer.best_folder() is None else ""
+            print(f"resume: best {best['metric']} so far {best['value']:.4f} at step {best['step']} "
+                  f"({best['folder']}){gone}", flush=True)
 
     def _apply_configured_hyperparameters(self) -> dict[str, tuple[float, float]]:
         """Loading optimiser state also loads its learning rate and weight decay; the flags of this run

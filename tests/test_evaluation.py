@@ -261,6 +261,7 @@ def test_watched_run(watched_run, tmp_path, monkeypatch):
     # A resumed run keeps the record of the best: a later step must beat it to replace it.
     resumed = run_train([*args[:args.index("--iteration_num")], "--iteration_num", "15",
                          *args[args.index("--iteration_num") + 2:], "--resume", "auto", "--no-export"], nproc=2, env=env)
+    assert f"resume: best best_of_4 so far {best['value']:.4f} at step {best_step}" in resumed.stdout + resumed.stderr
     tb = read_scalars(out / "tb")
     at_15 = dict(tb["eval/best_of_4"])[15]
     after = read_json(out / "checkpoints" / "best.json")
