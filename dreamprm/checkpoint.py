@@ -19,7 +19,8 @@ A save, collective on every rank:
 4. **Retention**: only now, with the new checkpoint complete, rank 0 deletes complete checkpoints
    beyond the newest ``keep_last``. The checkpoint a run resumed from is therefore deleted only
    once a newer one exists. A run's final checkpoint (``"final": true`` in its manifest) is never
-   deleted, and nothing outside ``checkpoints/`` (the export) is touched.
+   deleted, nor the best one by ``--keep_best`` (named in ``checkpoints/best.json``), and nothing
+   outside ``checkpoints/`` (the export) is touched.
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ from dreamprm.checkpoint_layout import MANIFEST, checkpoint_name, complete_check
 from dreamprm.config import ConfigError
 from dreamprm.preemption import EXIT_CHECKPOINT_FAILED
 
+BEST_RECORD = "best.json"  # --keep_best: which checkpoint is the best, by which metric
 ENGINE_TAG = "engine"
 PARTIAL_PREFIX = ".tmp-"  # a save in progress, or left by one that died
 # fp32 master weights + AdamW's two moments, partitioned over the ranks (measured: 12.0 bytes per
@@ -78,12 +80,12 @@ def is_final(folder: Path) -> bool:
         return False
 
 
-def retention_plan(checkpoints: list[Path], keep_last: int, keep: Path) -> list[Path]:
+def retention_plan(checkpoints: list[Path], keep_last: int, keep: Path, best: Path | None = None) -> list[Path]:
     """The complete checkpoints (oldest first) to delete: all but the newest `keep_last` (0 keeps
-    all), sparing `keep` (the one just written) and every run's final checkpoint."""
+    all), sparing `keep` (the one just written), `best` (--keep_best's) and every run's final checkpoint."""
     if keep_last <= 0:
         return []
-    return [c for c in checkpoints[:-keep_last] if c != keep and not is_final(c)]
+    return [c for c in checkpoints[:-keep_last] if c != keep and c != best and not is_final(c)]
 
 
 def folder_bytes(folder: Path) -> int:
@@ -193,6 +195,9 @@ class Checkpointer:
         self.engine = engine
         self.keep_last = keep_last
         self.resumed_from: Path | None = None  # set by load()
+        # --keep_best: {"metric", "value", "step", "folder"} of the best checkpoint, spared by retention;
+        # kept in the trainer state (resume) and in checkpoints/best.json (for people).
+        self.best: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ save
     def save(self, step: int, trainer_state: dict[str, Any], final: bool = False) -> Path:
@@ -214,10 +219,30 @@ class Checkpointer:
         failure = _attempt(tmp / MANIFEST, lambda: self._commit(tmp, folder, step, final)) if is_main else None
         self._agree(failure, name, tmp)
         if is_main:
-            for old in retention_plan(complete_checkpoints(self.root), self.keep_last, keep=folder):
-                shutil.rmtree(old, ignore_errors=True)
+            self.prune(keep=folder)
         self.engine.barrier()
         return folder
+
+    def prune(self, keep: Path | None = None) -> None:
+        """Rank 0: retention (see `retention_plan`)."""
+        best = self.root / self.best["folder"] if self.best else None
+        for old in retention_plan(complete_checkpoints(self.root), self.keep_last, keep=keep, best=best):
+            shutil.rmtree(old, ignore_errors=True)
+
+    def best_folder(self) -> Path | None:
+        """The best checkpoint's folder, when there is one and it is complete."""
+        if self.best is None or not (self.root / self.best["folder"] / MANIFEST).is_file():
+            return None
+        return self.root / self.best["folder"]
+
+    def set_best(self, metric: str, value: float, step: int) -> None:
+        """Record the checkpoint of `step` (written next, or already) as the best; rank 0 writes best.json."""
+        self.best = {"metric": metric, "value": value, "step": step, "folder": checkpoint_name(step)}
+        if self.engine.is_main:
+            self.root.mkdir(parents=True, exist_ok=True)
+            part = self.root / (BEST_RECORD + ".part")
+            part.write_text(json.dumps(self.best, indent=1))
+            os.replace(part, self.root / BEST_RECORD)
 
     def _commit(self, tmp: Path, folder: Path, step: int, final: bool) -> None:
         """Rank 0, every rank's files written: manifest into the temporary folder, then one rename."""

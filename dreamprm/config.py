@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ META_LOSSES = ("pairwise", "mse")
 UPPER_PRECISIONS = ("fp32", "engine")
 META_OPTIMIZERS = ("gated", "adamw", "sgd")
 WEIGHTINGS = ("domain", "instance", "both")
+TRACKERS = ("tensorboard", "wandb", "mlflow")
 
 
 # The exit code of a user's mistake (a bad flag, config file or record), argparse's own for a bad flag;
@@ -144,7 +146,58 @@ class RunConfig:
     dist_timeout: int = _f(600, "seconds a collective may wait for a missing rank before the job fails")
 
 
-SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "bilevel": BilevelConfig, "run": RunConfig}
+@dataclass
+class WatchConfig:
+    """Watching a run: Best-of-N validation during training, the best checkpoint, the trackers."""
+    eval_candidates: str | None = _f(None, "held-out Best-of-N candidates file (format: data/README.md; labels or "
+                                     "ground truth needed) scored by the live PRM every --eval_every steps: "
+                                     "eval/best_of_N and eval/auc go to every tracker and the console")
+    eval_every: int = _f(50, "lower-level steps between two evaluations (and one at the end)")
+    eval_max_share: float = _f(0.1, "evaluation's share of the run's time at most: an evaluation due while the "
+                               "evaluations so far took more than this share of the time since the start is "
+                               "postponed to the next due step (the last one always runs); 1 never postpones")
+    eval_batch_size: int = _f(16, "candidate chains per rank in one evaluation forward pass")
+    eval_image_root: str | None = _f(None, "folder the candidates' image paths are relative to (default: the "
+                                     "candidates file's folder)")
+    keep_best: str | None = _f(None, "an evaluation metric (best_of_N or auc; higher is better): the checkpoint "
+                               "with its best value is written when it is reached and kept apart from --keep_last "
+                               "(its record: checkpoints/best.json; resume keeps it)")
+    export_from: str = _f("last", "what --export writes: the 'last' step's PRM or the 'best' checkpoint's "
+                          "(--keep_best)", choices=("last", "best"))
+    report_to: str = _f("tensorboard", "comma-separated trackers of every scalar: tensorboard, wandb (offline "
+                        "unless an API key is set or WANDB_MODE says otherwise), mlflow (a file store in the "
+                        "output folder unless --mlflow_tracking_uri); 'none' for none")
+    wandb_project: str = _f("dreamprm", "W&B project, and the MLflow experiment name")
+    mlflow_tracking_uri: str | None = _f(None, "MLflow tracking URI (default: MLFLOW_TRACKING_URI, else "
+                                         "<output>/mlruns)")
+
+    @property
+    def trackers(self) -> list[str]:
+        names = [n.strip() for n in self.report_to.split(",") if n.strip()]
+        return [] if names == ["none"] else names
+
+    def validate(self) -> None:
+        for name in ("eval_every", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name}: must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.eval_max_share <= 1:
+            raise ConfigError(f"--eval_max_share: must be in (0, 1], got {self.eval_max_share}")
+        unknown = [n for n in self.trackers if n not in TRACKERS]
+        if unknown or len(set(self.trackers)) != len(self.trackers):
+            raise ConfigError(f"--report_to {self.report_to}: a comma-separated list of distinct trackers from "
+                              f"{', '.join(TRACKERS)}, or 'none'")
+        if self.keep_best is not None:
+            if not self.eval_candidates:
+                raise ConfigError(f"--keep_best {self.keep_best} needs --eval_candidates (the metric comes from it)")
+            if not re.fullmatch(r"best_of_[1-9]\d*|auc", self.keep_best):
+                raise ConfigError(f"--keep_best {self.keep_best}: must be best_of_N (N a power of 2 up to the "
+                                  "candidates' N, or that N) or auc")
+        if self.export_from == "best" and self.keep_best is None:
+            raise ConfigError("--export_from best needs --keep_best METRIC (which checkpoint is the best)")
+
+
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "bilevel": BilevelConfig, "run": RunConfig,
+            "watch": WatchConfig}
 
 
 @dataclass
@@ -154,6 +207,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     bilevel: BilevelConfig = field(default_factory=BilevelConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    watch: WatchConfig = field(default_factory=WatchConfig)
     explicit_flags: frozenset[str] = frozenset()  # flags the user typed, for DeepSpeed "auto" conflicts
 
     def to_dict(self) -> dict[str, Any]:
@@ -193,6 +247,10 @@ class TrainConfig:
                          f"got --packing {self.data.packing}")
         if self.run.device not in ("auto", "cuda", "cpu") and not self.run.device.startswith("cuda:"):
             found.append(f"--device: must be 'auto', 'cuda', 'cuda:N' or 'cpu', got {self.run.device!r}")
+        try:
+            self.watch.validate()
+        except ConfigError as err:
+            found.append(str(err))
         return found
 
     def validate(self) -> "TrainConfig":

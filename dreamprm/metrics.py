@@ -1,5 +1,5 @@
-"""Rank-0 logging: TensorBoard scalars, a tqdm progress bar and plain messages. Other ranks get the
-same object with everything switched off, so callers never test the rank themselves.
+"""Rank-0 logging: scalars to the trackers (`dreamprm.trackers`; TensorBoard by default), a tqdm
+progress bar and plain messages. Other ranks get the same object with everything switched off, so callers never test the rank themselves.
 `MetricWindow` accumulates the training metrics between two log lines on the device; `read_scalars`
 reads the scalars back (benchmarks, tests)."""
 from __future__ import annotations
@@ -11,6 +11,8 @@ from typing import Any, Callable
 
 import torch
 from tqdm import tqdm
+
+from dreamprm.trackers import TensorBoardTracker, Tracker
 
 
 class MetricWindow:
@@ -58,29 +60,28 @@ class MetricWindow:
 
 
 class MetricsLogger:
-    def __init__(self, folder: str | Path, enabled: bool, total_steps: int, initial_step: int = 0):
+    """`trackers` opens rank 0's trackers (`dreamprm.trackers.open_trackers`; default: TensorBoard in
+    `folder`/tb); every scalar and histogram goes to each of them."""
+
+    def __init__(self, folder: str | Path, enabled: bool, total_steps: int, initial_step: int = 0,
+                 trackers: Callable[[], list[Tracker]] | None = None):
         self.enabled = enabled
-        self.writer = None
+        self.trackers: list[Tracker] = []
         self.bar = None
         if enabled:
-            from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(log_dir=str(Path(folder) / "tb"))
+            self.trackers = trackers() if trackers is not None else [TensorBoardTracker(Path(folder))]
             self.bar = tqdm(total=total_steps, initial=initial_step, desc="train", unit="step",
                             dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
-        if self.writer is None:
-            return
-        for tag, value in values.items():
-            self.writer.add_scalar(tag, value, step)
+        for tracker in self.trackers:
+            tracker.scalars(step, values)
 
     def histograms(self, step: int, values: dict[str, Any]) -> None:
-        """One TensorBoard histogram per tag (empty tensors are left out)."""
-        if self.writer is None:
-            return
-        for tag, tensor in values.items():
-            if tensor.numel():
-                self.writer.add_histogram(tag, tensor, step)
+        """One histogram per tag, for the trackers that take them (empty tensors are left out)."""
+        values = {tag: tensor for tag, tensor in values.items() if tensor.numel()}
+        for tracker in self.trackers:
+            tracker.histograms(step, values)
 
     def progress(self, steps: int, **postfix: Any) -> None:
         if self.bar is not None:
@@ -105,14 +106,15 @@ class MetricsLogger:
             (self.bar.write if self.bar is not None else print)(message)
 
     def flush(self) -> None:
-        if self.writer is not None:
-            self.writer.flush()
+        for tracker in self.trackers:
+            tracker.flush()
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        if self.writer is not None:
-            self.writer.close()
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []  # closed once: close() is called again after an error
 
 
 def read_scalars(logdir: str | Path) -> dict[str, list[tuple[int, float]]]:

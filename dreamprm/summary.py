@@ -1,9 +1,12 @@
-"""End-of-run summary of the learned domain weights: ``domain_weights.json`` and a bar chart PNG
-sorted high to low (like the paper's figure), drawn with PIL so no plotting library is needed."""
+"""End-of-run summaries: the learned domain weights (``domain_weights.json`` and a bar chart PNG
+sorted high to low, like the paper's figure, drawn with PIL so no plotting library is needed), the
+instance-weight report, and ``summary.md``, the run on one page."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -53,3 +56,54 @@ def draw_bar_chart(ranked: list[tuple[str, float]], path: Path, width: int = 720
     draw.line([one, top - 6, one, height - 24], fill=(90, 90, 90), width=1)
     draw.text((one - 12, height - 22), "1.0", fill=(90, 90, 90), font=font)
     image.save(path)
+
+
+@dataclass
+class RunSummary:
+    """What `write_run_summary` reports; every number measured by the trainer (rank 0)."""
+    steps: int
+    seconds: float  # wall time of this process's training loop (a resumed run: since the resume)
+    samples_per_s: float
+    weights: dict[str, float]
+    eval_seconds: float = 0.0
+    final_eval: tuple[int, dict[str, float]] | None = None  # (step, metrics)
+    best: dict[str, Any] | None = None  # checkpoint.Checkpointer.best
+    lowest_records: list[dict[str, Any]] | None = None  # instance_weights.jsonl's first lines
+    export: str | None = None  # the export folder, None without --export
+    export_step: int | None = None
+
+
+def write_run_summary(folder: str | Path, s: RunSummary) -> tuple[str, Path]:
+    """``summary.md`` in `folder`; returns (its text, its path). The weight picture is linked, not inlined."""
+    lines = ["# DreamPRM run summary", "",
+             f"- steps: {s.steps}", f"- time: {s.seconds:.1f} s", f"- training samples/s: {s.samples_per_s:.2f}"]
+    if s.final_eval is not None:
+        share = 100 * s.eval_seconds / s.seconds if s.seconds > 0 else 0.0
+        lines.append(f"- evaluation time: {s.eval_seconds:.1f} s ({share:.1f}% of the run)")
+        step, values = s.final_eval
+        lines += ["", "## Best-of-N evaluation", "", "| metric | final (step " + f"{step}) |"
+                  + (" best |" if s.best else ""), "|---|---|" + ("---|" if s.best else "")]
+        for name, value in values.items():
+            if name == "seconds":
+                continue
+            best = ""
+            if s.best:
+                best = f" {s.best['value']:.4f} (step {s.best['step']}) |" if name == s.best["metric"] else " |"
+            lines.append(f"| {name} | {value:.4f} |{best}")
+        if s.best:
+            lines += ["", f"Best checkpoint by {s.best['metric']}: checkpoints/{s.best['folder']} "
+                      f"({s.best['value']:.4f} at step {s.best['step']})"]
+    lines += ["", "## Domain weights", "", "| domain | weight |", "|---|---|"]
+    lines += [f"| {name} | {w:.4f} |" for name, w in sorted(s.weights.items(), key=lambda kv: kv[1], reverse=True)]
+    lines += ["", "![domain weights](domain_weights.png)"]
+    if s.lowest_records:
+        lines += ["", "## Lowest-weighted training records", "", "(all of them, lowest first: instance_weights.jsonl)",
+                  "", "| weight | domain | record | id | step |", "|---|---|---|---|---|"]
+        lines += [f"| {r['weight']:.4f} | {r['domain']} | {r['file']}:record {r['record']} | {r['id']} | {r['sid']} |"
+                  for r in s.lowest_records]
+    lines += ["", "## Export", ""]
+    lines.append(f"{s.export} (the PRM of step {s.export_step})" if s.export else "none (--no-export)")
+    text = "\n".join(lines) + "\n"
+    path = Path(folder) / "summary.md"
+    path.write_text(text, encoding="utf-8")
+    return text, path

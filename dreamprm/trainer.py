@@ -11,6 +11,7 @@ all-reduce per optimiser step.
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -25,7 +26,9 @@ from dreamprm.checkpoint import Checkpointer, CheckpointWriteError, complete_che
 from dreamprm.config import ConfigError, TrainConfig
 from dreamprm.data.records import DataValidationError, domain_index
 from dreamprm.data.stream import StreamPosition
+from dreamprm.distributed.collectives import gather_object
 from dreamprm.distributed.engine import DistInfo
+from dreamprm.evaluation import Evaluator, describe, is_better, load_eval_questions, within_share
 from dreamprm.losses import per_sample_mse, weighted_training_loss
 from dreamprm.metrics import MetricsLogger, MetricWindow
 from dreamprm.model.loading import export_prm, resolve_model_dir
@@ -33,7 +36,8 @@ from dreamprm.model.prm import model_inputs
 from dreamprm.model.processor import load_processor
 from dreamprm.preemption import EXIT_PREEMPTED, StopRequest
 from dreamprm.preflight import Records, load_records
-from dreamprm.summary import write_domain_weight_summary, write_instance_weight_report
+from dreamprm.summary import RunSummary, write_domain_weight_summary, write_instance_weight_report, write_run_summary
+from dreamprm.trackers import open_trackers, require_extras
 
 
 # Upper steps without signal that make the trainer warn, once they are also half of the upper steps.
@@ -84,19 +88,29 @@ class Trainer:
         records = records or load_records(config, info.world_size)
         self.train_records = records.train
         self.domains = domain_index(self.train_records)
+        w = config.watch
+        require_extras(w.trackers)
+        eval_questions = load_eval_questions(w.eval_candidates, w.eval_image_root, w.keep_best) \
+            if w.eval_candidates else None
         self.output, created = build.prepare_output(config, info)
         try:
-            self._build(records)
+            self._build(records, eval_questions)
         except (ConfigError, DataValidationError):
             if info.rank == 0:  # e.g. a refused resume: no empty checkpoints/ left behind
                 build.remove_created(created)
             raise
 
-    def _build(self, records: Records) -> None:
-        config, info = self.config, self.info
+    def _build(self, records: Records, eval_questions: Any) -> None:
+        config, info, w = self.config, self.info, self.config.watch
         build.write_skipped_records(self.output, records.skipped, info)
         self.processor = load_processor(self.reward_model, trust_remote_code=config.model.trust_remote_code)
         self.engine = build.engine(config, self.ds_config, self.reward_model, info)
+        self.evaluator = None if eval_questions is None else Evaluator(
+            eval_questions, self.processor, packing=config.data.packing, batch_size=w.eval_batch_size,
+            max_image_side=config.data.max_image_side, aggregation=config.bilevel.aggregation, rank=info.rank,
+            world_size=info.world_size, gather=gather_object)
+        self.last_eval: tuple[int, dict[str, float]] | None = None  # (step, metrics)
+        self.eval_seconds = 0.0
         self.domain_weights, self.instance_weights, self.meta_optimizer = build.upper_level(
             config, self.domains, len(self.train_records))
         self.state = TrainState()
@@ -107,7 +121,10 @@ class Trainer:
         self.checkpointer = Checkpointer(self.output / "checkpoints", self.engine, keep_last=config.run.keep_last)
         self._maybe_resume()
         build.write_run_description(self.output, config, self.ds_config, self.domains, info)
-        self.logger = MetricsLogger(self.output, self.engine.is_main, config.run.iteration_num, self.state.step)
+        self.logger = MetricsLogger(self.output, self.engine.is_main, config.run.iteration_num, self.state.step,
+                                    trackers=lambda: open_trackers(
+                                        w.trackers, self.output, run_name=self.output.name, config=config.to_dict(),
+                                        project=w.wandb_project, mlflow_uri=w.mlflow_tracking_uri))
         self.window = MetricWindow(len(self.domains), info.device)
         self.record_domains = None if self.instance_weights is None else torch.tensor(
             [self.domains[r.domain] for r in self.train_records], dtype=torch.int32)  # for the histograms
@@ -140,6 +157,7 @@ class Trainer:
         if self.meta_batches is not None:
             self.meta_batches.reposition(self.state.meta)
         self.domain_weights.load_state_dict(trainer_state["domain_weights"])
+        self._resume_best(trainer_state.get("best"))
         if self.instance_weights is not None:
             if "instance_weights" in trainer_state:
                 self.instance_weights.load_state_dict(trainer_state["instance_weights"])
@@ -161,6 +179,17 @@ class Trainer:
                       f"checkpoint's domain-logit optimiser was {saved_kind}); the domain weights are kept", flush=True)
             for name, (saved, now) in changes.items():
                 print(f"resume: --{name} {now:g} replaces the checkpoint's {saved:g}", flush=True)
+
+    def _resume_best(self, best: dict[str, Any] | None) -> None:
+        """The record of the best checkpoint travels in the trainer state; a different --keep_best starts afresh."""
+        if best is None or best["metric"] != self.config.watch.keep_best:
+            return
+        self.checkpointer.set_best(best["metric"], best["value"], best["step"])
+        if self.engine.is_main:
+            gone = "; that checkpoint is gone, its value still has to be beaten" \
+                if self.checkpointer.best_folder() is None else ""
+            print(f"resume: best {best['metric']} so far {best['value']:.4f} at step {best['step']} "
+                  f"({best['folder']}){gone}", flush=True)
 
     def _apply_configured_hyperparameters(self) -> dict[str, tuple[float, float]]:
         """Loading optimiser state also loads its learning rate and weight decay; the flags of this run
@@ -195,7 +224,8 @@ class Trainer:
     def _trainer_state(self) -> dict[str, Any]:
         state = {"state": self.state.as_dict(), "domains": self.domains,
                  "domain_weights": self.domain_weights.state_dict(), "meta_optimizer": self.meta_optimizer.state_dict(),
-                 "meta_optimizer_kind": self.config.bilevel.meta_optimizer, "identity": self._identity()}
+                 "meta_optimizer_kind": self.config.bilevel.meta_optimizer, "identity": self._identity(),
+                 "best": self.checkpointer.best}
         if self.instance_weights is not None:
             state["instance_weights"] = self.instance_weights.state_dict()
         return state
@@ -209,6 +239,7 @@ class Trainer:
         """Run to --iteration_num / --max_epoch; returns the process exit code."""
         self.logger.info(f"training {len(self.domains)} domains {list(self.domains)} on {self.info.world_size} rank(s); "
                          f"output in {self.output}")
+        self._started, self._started_samples = time.perf_counter(), self.state.samples
         finished = False
         while not finished:
             finished, stop = self.train_segment()
@@ -219,6 +250,7 @@ class Trainer:
                                  f"with code {EXIT_PREEMPTED} so that the job is requeued")
                 self.logger.close()
                 return EXIT_PREEMPTED
+        self.evaluate(final=True)
         self.save_checkpoint(final=True)
         self.finish()
         return 0
@@ -243,12 +275,14 @@ class Trainer:
             step_batches, stop = result
             kept = kept + step_batches if bilevel.hypergrad_batches == "segment" else step_batches[-1:]
             if i < remaining - 1:
+                self.evaluate()
                 if self.state.step % run.save_every_iterations == 0:
                     self.save_checkpoint()
                 if stop is not None:
                     return False, stop
         if not bilevel.baseline:
             self.run_upper_step(kept)
+        self.evaluate()
         if self.state.step % run.save_every_iterations == 0:
             self.save_checkpoint()
         finished = self.state.step >= run.iteration_num
@@ -404,6 +438,38 @@ class Trainer:
                 values[f"meta_gate/{name}"] = float(gate[i])
         self.logger.scalars(step, values)
 
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, final: bool = False) -> None:
+        """Best-of-N on --eval_candidates when due (every --eval_every steps, and at the end), at the
+        points where a checkpoint may be written; a new best (--keep_best) is checkpointed now."""
+        step = self.state.step
+        due = step % self.config.watch.eval_every == 0 or final
+        if self.evaluator is None or not due or (self.last_eval is not None and self.last_eval[0] == step):
+            return
+        if not final and not self._eval_within_share():
+            self.logger.info(f"eval at step {step} postponed: evaluation has taken {self.eval_seconds:.1f} s, more "
+                             f"than --eval_max_share {self.config.watch.eval_max_share:g} of the run so far")
+            return
+        values = self.evaluator(self.engine)  # collective; the same values on every rank
+        self.eval_seconds += values["seconds"]
+        self.last_eval = (step, values)
+        self.logger.scalars(step, {f"eval/{k}": v for k, v in values.items() if k != "seconds"}
+                            | {"perf/eval_s": values["seconds"]})
+        self.logger.info(describe(step, values))
+        metric, best = self.config.watch.keep_best, self.checkpointer.best
+        if metric is not None and metric in values and is_better(values[metric], best and best["value"]):
+            self.checkpointer.set_best(metric, values[metric], step)  # first: the checkpoint holds the record
+            folder = self.save_checkpoint()
+            self.logger.info(f"new best {metric} {values[metric]:.4f} at step {step}: {folder}")
+
+    def _eval_within_share(self) -> bool:
+        """The same answer on every rank (each rank's clock differs, and a rank that evaluated alone
+        would wait for the others forever): the largest evaluation time against the shortest run time."""
+        times = torch.tensor([self.eval_seconds, -(time.perf_counter() - self._started)], dtype=torch.float64,
+                             device=self.info.device)
+        eval_seconds, minus_run_seconds = self.engine.all_reduce_max(times).tolist()
+        return within_share(eval_seconds, -minus_run_seconds, self.config.watch.eval_max_share)
+
     # ------------------------------------------------------------------ checkpoint and end
     def save_checkpoint(self, final: bool = False) -> Path:
         """Checkpoint the current step (once: a second call at the same step returns the same folder).
@@ -445,21 +511,58 @@ class Trainer:
         if self._no_signal and not self._warned_no_signal:
             self.logger.info(f"note: {self._no_signal} of {self.state.upper_steps} upper steps had no signal (a meta "
                              "batch without a (right, wrong) pair under --meta_loss pairwise)")
+        report = None
         if self.engine.is_main:
             write_domain_weight_summary(self.output, weights, self.domain_weights.logits.detach().tolist())
             if self.instance_weights is not None:
-                path = write_instance_weight_report(self.output, self.config.data.train_json_file, self.train_records,
-                                                    self.instance_weights.all_weights().tolist())
-                self.logger.info(f"instance weights of {len(self.train_records)} records, lowest first: {path}")
+                report = write_instance_weight_report(self.output, self.config.data.train_json_file,
+                                                      self.train_records, self.instance_weights.all_weights().tolist())
+                self.logger.info(f"instance weights of {len(self.train_records)} records, lowest first: {report}")
+        last_step, export_step = self.state.step, None
         if self.config.run.export:
+            export_step, exported_weights = self._load_export_source(weights)
             state_dict = self.engine.consolidated_state_dict()
             if self.engine.is_main:
-                meta = {"base_model": self.reward_model, "domains": self.domains, "domain_weights": weights,
+                meta = {"base_model": self.reward_model, "domains": self.domains, "domain_weights": exported_weights,
                         "weighting": self.config.bilevel.weighting,
-                        "aggregation": self.config.bilevel.aggregation, "step": self.state.step,
+                        "aggregation": self.config.bilevel.aggregation, "step": export_step,
                         "max_image_side": self.config.data.max_image_side}
                 export_prm(self.output / "export", state_dict, self.engine.module, self.processor, meta)
-        self.logger.end_progress(self.state.step)
-        self.logger.info(f"done at step {self.state.step}; domain weights: "
+        self.logger.end_progress(last_step)
+        if self.engine.is_main:
+            self.write_summary(last_step, weights, report, export_step)
+        self.logger.info(f"done at step {last_step}; domain weights: "
                          + ", ".join(f"{k}={v:.3f}" for k, v in weights.items()))
         self.logger.close()
+
+    def _load_export_source(self, last_weights: dict[str, float]) -> tuple[int, dict[str, float]]:
+        """(step, domain weights) of what --export writes; --export_from best loads the best checkpoint
+        into the engine first (collective; training is over)."""
+        if self.config.watch.export_from != "best":
+            return self.state.step, last_weights
+        folder = self.checkpointer.best_folder()
+        if folder is None:
+            self.logger.info("--export_from best: no best checkpoint was written (no evaluation ran); exporting the "
+                             f"last step's PRM (step {self.state.step})")
+            return self.state.step, last_weights
+        best = self.checkpointer.best
+        if best["step"] != self.state.step:
+            saved = self.checkpointer.load(folder, check=self._check_compatible)
+            self.domain_weights.load_state_dict(saved["domain_weights"])
+        self.logger.info(f"exporting the best checkpoint by {best['metric']} ({best['value']:.4f}): {folder}")
+        return best["step"], self.domain_weights.as_dict()
+
+    def write_summary(self, last_step: int, weights: dict[str, float], report: Path | None,
+                      export_step: int | None) -> None:
+        """Rank 0: summary.md in the output folder, printed too."""
+        seconds = time.perf_counter() - self._started
+        lowest = None
+        if report is not None:
+            with open(report, encoding="utf-8") as f:
+                lowest = [json.loads(line) for _, line in zip(range(10), f)]
+        text, path = write_run_summary(self.output, RunSummary(
+            steps=last_step, seconds=seconds, samples_per_s=(self.state.samples - self._started_samples) / seconds,
+            weights=weights, eval_seconds=self.eval_seconds, final_eval=self.last_eval, best=self.checkpointer.best,
+            lowest_records=lowest, export=str(self.output / "export") if export_step is not None else None,
+            export_step=export_step))
+        self.logger.info(text + f"(written to {path})")

@@ -109,7 +109,7 @@ def test_defaults_run_the_demo_offline():
     assert config.model.reward_model == TINY_MODEL
     assert config.optim.precision == "bf16" and config.optim.batch_size == 1
     assert config.explicit_flags == frozenset()
-    assert set(config.to_dict()) == {"data", "model", "optim", "bilevel", "run"}
+    assert set(config.to_dict()) == {"data", "model", "optim", "bilevel", "run", "watch"}
     json.dumps(config.to_dict())  # saved with every run
 
 

@@ -53,6 +53,8 @@ sys.path[:0] = [str(HERE), str(REPO)]
 
 import make_task  # noqa: E402
 
+from dreamprm.evaluation import average_ranks as ranks  # noqa: E402
+
 # Arm -> the trainer flags that make it (DreamPRM arms: everything else at the trainer's defaults).
 ARMS = {
     "vanilla": ["--baseline"],
@@ -143,21 +145,6 @@ def run_jobs(jobs: list[Job], workers: int, env: dict[str, str], reuse: bool = F
 
 
 # -------------------------------------------------------------------------------- statistics
-def ranks(values: list[float]) -> list[float]:
-    """1-based ranks, ties sharing their average rank."""
-    order = sorted(range(len(values)), key=lambda i: values[i])
-    out = [0.0] * len(values)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            out[order[k]] = (i + j) / 2 + 1
-        i = j + 1
-    return out
-
-
 def spearman(x: list[float], y: list[float]) -> float:
     return make_task.pearson(ranks(x), ranks(y))
 

@@ -17,7 +17,8 @@ One module a concern, in the order a run uses them:
 
 - `config`: the flags (`BestOfNConfig`, `parse_args`);
 - `candidates`: the candidates file, its schema and validation; answer normalisation;
-- `scorer`: the exported PRM's folder checks and the step-logit scorer;
+- `scorer`: the exported PRM's folder checks, the step-logit scorer and its scoring loop (`score_chains`, which
+  `dreamprm.evaluation` drives with the live training engine);
 - `selection`: chain scores, the best chain, majority vote;
 - `evaluation`: accuracies for N = 1, 2, 4, ..., N and the printed report;
 - `run`: validate, score a rank's slice, gather, select, evaluate, write.

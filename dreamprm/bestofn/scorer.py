@@ -95,17 +95,41 @@ class ModelScorer:
     @torch.no_grad()
     def __call__(self, questions: Sequence[Question]) -> list[list[list[float]]]:
         chains = [(q, c) for q in range(len(questions)) for c in range(len(questions[q].candidates))]
+        logits = score_chains(lambda batch: self.model(**self._inputs(batch)), self.collator, questions, chains,
+                              self.batch_size, self.max_image_side)
         out: list[list[list[float]]] = [[[] for _ in q.candidates] for q in questions]
-        images: dict[int, Any] = {}
-        for start in range(0, len(chains), self.batch_size):
-            chunk = chains[start:start + self.batch_size]
-            # The N chains of a question share its image: load it once, keep it while it is needed.
-            images = {q: images[q] if q in images else load_image(questions[q].image_path, self.max_image_side)
-                      for q, _ in chunk}
-            items = [{"image": images[q], "texts": list(questions[q].candidates[c].prefixes), "domain": -1,
-                      "target": 0.0} for q, c in chunk]
-            batch = self.collator(items)
-            logits = self.model(**self._inputs(batch)).float().cpu()  # (prefixes,)
-            for k, (q, c) in enumerate(chunk):
-                out[q][c] = logits[batch["item_index"] == k].tolist()
+        for (q, c), chain in zip(chains, logits):
+            out[q][c] = chain
         return out
+
+
+# A forward pass: a collated CPU batch -> one logit per step prefix, (prefixes,).
+Forward = Callable[[dict[str, torch.Tensor]], torch.Tensor]
+
+
+def score_chains(forward: Forward, collator: Any, questions: Sequence[Question], chains: Sequence[tuple[int, int]],
+                 batch_size: int, max_image_side: int, min_batches: int = 0) -> list[list[float]]:
+    """Step logits of each chain in `chains` ((question, candidate) indices), `batch_size` chains a forward.
+
+    The one scoring loop of Best-of-N, shared by the exported PRM (`ModelScorer`) and the live
+    ZeRO-3 engine during training (`dreamprm.evaluation`). `min_batches`: run at least this many
+    forward passes, repeating the last batch (or the first chain of `questions`) and dropping
+    the result: under ZeRO-3 every forward gathers parameters collectively, so every rank must run
+    as many as the busiest one.
+    """
+    out: list[list[float]] = []
+    images: dict[int, Any] = {}
+    starts = list(range(0, len(chains), batch_size))
+    padding = max(0, min_batches - len(starts))
+    for i in range(len(starts) + padding):
+        chunk = chains[starts[i]:starts[i] + batch_size] if i < len(starts) else list(chains[-batch_size:] or [(0, 0)])
+        # The N chains of a question share its image: load it once, keep it while it is needed.
+        images = {q: images[q] if q in images else load_image(questions[q].image_path, max_image_side)
+                  for q, _ in chunk}
+        items = [{"image": images[q], "texts": list(questions[q].candidates[c].prefixes), "domain": -1,
+                  "target": 0.0} for q, c in chunk]
+        batch = collator(items)
+        logits = forward(batch).float().cpu()  # (prefixes,)
+        if i < len(starts):
+            out.extend(logits[batch["item_index"] == k].tolist() for k in range(len(chunk)))
+    return out

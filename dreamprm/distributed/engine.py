@@ -347,6 +347,12 @@ class DistributedEngine:
             self._editable(o).copy_(base)
         self._after_edit()
 
+    def release_gathered_parameters(self) -> None:
+        """After no-grad forwards outside a step (in-training evaluation): ZeRO-3 keeps the parameters
+        they gathered cached, which would hide the next optimiser step's update from the forward."""
+        if self.stage == 3:
+            self.module_engine.optimizer.empty_partition_cache()
+
     def _after_edit(self) -> None:
         if self.stage != 3:
             return
