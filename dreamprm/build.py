@@ -203,7 +203,8 @@ def upper_level(config: TrainConfig, domains: dict[str, int], num_records: int
                         if b.weighting != "domain" and not b.baseline else None)
     optimizer = build_meta_optimizer(b.meta_optimizer, domain_weights.parameters(), lr=b.meta_lr,
                                      weight_decay=b.meta_weight_decay, beta=b.meta_beta,
-                                     chance=META_LOSS_CHANCE[b.meta_loss])
+                                     chance=META_LOSS_CHANCE[b.meta_loss] if b.meta_evidence > 0 else None,
+                                     confidence=b.meta_evidence)
     return domain_weights, instance_weights, optimizer
 
 

@@ -5,6 +5,7 @@ which is only right at batch size 1.)
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -76,7 +77,8 @@ def mse_meta_loss(chain_logits: torch.Tensor, labels: torch.Tensor, questions: t
 META_LOSSES: dict[str, Callable[..., torch.Tensor]] = {
     "mse": mse_meta_loss, "pairwise": pairwise_meta_loss,
 }
-META_LOSS_CHANCE = {"mse": 0.25, "pairwise": 0.6931}  # value of a PRM that scores every chain alike
+# Value of a PRM that scores every chain alike (exact: --meta_evidence compares averages with it to 1e-4).
+META_LOSS_CHANCE = {"mse": 0.25, "pairwise": math.log(2)}
 
 
 def chain_meta_loss(chain_logits: torch.Tensor, labels: torch.Tensor, objective: str = "mse",

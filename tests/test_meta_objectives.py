@@ -158,9 +158,9 @@ def test_evidence_factor_opens_with_the_confidence_of_the_meta_loss():
     t, beta = 10_000, 0.98
     for mean, expected in ((0.70, 0.0), (0.68, 0.0), (0.6731, 0.0), (0.6531, 0.75), (0.5931, 0.96)):
         square = mean ** 2 + 0.01 * (98 / 99)  # variance 0.01 after the unbiasing factor
-        got = evidence_factor(mean, square, beta, t, chance=0.6931, confidence=2.0)
+        got = evidence_factor(mean, square, beta, t, chance=math.log(2), confidence=2.0)
         assert got == pytest.approx(expected, abs=0.01), (mean, got)
-    assert evidence_factor(0.1, 0.01, beta, 3, chance=0.6931, confidence=2.0) == 0.0  # n_eff < 5: shut
+    assert evidence_factor(0.1, 0.01, beta, 3, chance=math.log(2), confidence=2.0) == 0.0  # n_eff < 5: shut
 
 
 def test_without_a_meta_loss_the_gate_reads_the_hypergradient_alone_and_the_evidence_round_trips():
@@ -180,3 +180,16 @@ def test_without_a_meta_loss_the_gate_reads_the_hypergradient_alone_and_the_evid
         first.step(lambda: loss)
         second.step(lambda: loss)
     assert torch.equal(a, b) and first.state["meta_evidence"]["evidence"] > 0.5
+
+
+def test_meta_evidence_is_off_by_default_and_checked(capsys):
+    from dreamprm.config import parse_args
+    from dreamprm.build import upper_level
+    assert parse_args([]).bilevel.meta_evidence == 0.0
+    _, _, optimizer = upper_level(parse_args([]), {"a": 0, "b": 1}, 4)
+    assert optimizer.chance is None  # the gate reads the hypergradient alone
+    _, _, optimizer = upper_level(parse_args(["--meta_evidence", "2"]), {"a": 0, "b": 1}, 4)
+    assert optimizer.chance == pytest.approx(math.log(2)) and optimizer.confidence == 2.0
+    with pytest.raises(SystemExit) as stop:
+        parse_args(["--meta_evidence", "-1"])
+    assert stop.value.code == 2 and "error: --meta_evidence: must be a number >= 0" in capsys.readouterr().err

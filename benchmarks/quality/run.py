@@ -23,6 +23,8 @@ Steps (all on CPU, the tiny Qwen2-VL, fp32 unless an arm says bf16, one process 
    - ``mse``:      (optional) the original objective (``--meta_loss mse``);
    - ``original``: (optional) the original recipe: mse, AdamW on the logits, the last batch only;
    - ``exact``:    (optional) the defaults with ``--hypergrad exact`` whatever ``--hypergrad`` says;
+   - ``evidence``: (optional) the defaults with ``--meta_evidence 2`` (the gate also waits for a meta
+                   loss two standard errors below chance);
    - ``vanilla_bf16``, ``pairwise_bf16``: (optional) vanilla and the defaults in ``--precision bf16``
                    (``--hypergrad exact``: fd refuses bf16), from a bf16 warm-up of their own;
    - ``clean``:    vanilla on the clean domain(s) alone, from scratch, ``--clean_steps`` steps, on the
@@ -73,6 +75,7 @@ ARMS = {
     "instance": ["--weighting", "instance", "--hypergrad", "fd"],  # one weight per record (needs fd)
     "both": ["--weighting", "both", "--hypergrad", "fd"],  # domain x record weights
     "clean": ["--baseline"],  # the clean domain(s) alone, from scratch
+    "evidence": ["--meta_loss", "pairwise", "--meta_evidence", "2"],  # the gate also waits for a meta loss below chance
     "vanilla_bf16": ["--baseline"],  # what GPU users run: bf16 (from a bf16 warm-up)
     "pairwise_bf16": ["--meta_loss", "pairwise", "--hypergrad", "exact"],  # fd refuses bf16 parameters
 }
@@ -86,9 +89,10 @@ ARM_LABELS = {"vanilla": "vanilla PRM (--baseline)", "mse": "DreamPRM, original 
               "exact": "DreamPRM, defaults with --hypergrad exact", "clean": "vanilla PRM, clean domain(s) only",
               "instance": "DreamPRM, instance weights (--weighting instance)",
               "both": "DreamPRM, domain x instance weights (--weighting both)",
+              "evidence": "DreamPRM, defaults with --meta_evidence 2",
               "vanilla_bf16": "vanilla PRM, --precision bf16",
               "pairwise_bf16": "DreamPRM, defaults, --precision bf16 (--hypergrad exact)"}
-BILEVEL_ARMS = ("mse", "pairwise", "grouped", "original", "exact", "instance", "both", "pairwise_bf16")
+BILEVEL_ARMS = ("mse", "pairwise", "grouped", "evidence", "original", "exact", "instance", "both", "pairwise_bf16")
 INSTANCE_ARMS = ("instance", "both")
 # The arm each DreamPRM arm is compared with (same precision, same warm-up).
 BASELINE_OF = {"pairwise_bf16": "vanilla_bf16"}

@@ -57,12 +57,15 @@ class SignalGatedSGD(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: D401 - torch.optim signature
-        """One update; `closure()` returns this upper step's meta loss (the evidence factor's input)."""
+        """One update; `closure()` returns this upper step's meta loss (the evidence factor's input),
+        or None for a step that carries no evidence (a meta batch without a right-wrong pair)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        evidence = self.observe(float(loss)) if loss is not None and self.chance is not None else None
+        evidence = None
+        if self.chance is not None:
+            evidence = self.observe(float(loss)) if loss is not None else self.state[EVIDENCE_KEY].get("evidence", 0.0)
         for group in self.param_groups:
             beta, lr = group["beta"], group["lr"]
             for p in group["params"]:
@@ -135,11 +138,11 @@ def evidence_factor(mean: float, square: float, beta: float, t: int, chance: flo
 
 
 def build_meta_optimizer(name: str, params: Iterable[torch.Tensor], lr: float, weight_decay: float,
-                         beta: float, chance: float | None = None) -> torch.optim.Optimizer:
-    """`chance` (gated only): the meta objective's chance value, which the gate waits to see the
-    meta loss fall below (`SignalGatedSGD`)."""
+                         beta: float, chance: float | None = None, confidence: float = EVIDENCE_Z) -> torch.optim.Optimizer:
+    """`chance` (gated only; None: off): the meta objective's chance value, which the gate waits to
+    see the meta loss fall below by `confidence` standard errors (`SignalGatedSGD`, --meta_evidence)."""
     if name == "gated":
-        return SignalGatedSGD(params, lr=lr, beta=beta, weight_decay=weight_decay, chance=chance)
+        return SignalGatedSGD(params, lr=lr, beta=beta, weight_decay=weight_decay, chance=chance, confidence=confidence)
     if name == "adamw":  # the original's
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     if name == "sgd":

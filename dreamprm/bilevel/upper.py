@@ -83,7 +83,9 @@ def upper_step(engine: Any, weights: DomainWeights, meta_optimizer: torch.optim.
         if update_domains:
             meta_optimizer.zero_grad(set_to_none=True)
             weights.logits.grad = hyper.to(weights.logits.dtype).clone()
-            meta_optimizer.step(lambda: meta_loss_value)  # the gated optimiser waits for a meta loss below chance
+            # --meta_evidence: the gated optimiser waits for a meta loss below chance. A meta batch
+            # without a right-wrong pair (v = 0, loss 0) is no evidence.
+            meta_optimizer.step(lambda: meta_loss_value if v_norm > 0 else None)
         if instance_weights is not None:
             instance_summary = instance_weights.step(rows, row_hypergradient)
     return UpperResult(meta_loss=meta_loss_value, directional=directional, hypergradient=hyper,
