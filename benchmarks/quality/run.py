@@ -437,9 +437,11 @@ def write_results(args, command: str, manifests: dict, runs: dict, timing: dict,
         f"a vanilla warm-up of {args.warmup} steps per task and seed, then {args.steps} steps per arm (DreamPRM: "
         f"--meta_lr {args.meta_lr}, --meta_batch_size {args.meta_batch_size}, --unroll_steps {args.unroll_steps}, "
         f"--aggregation {args.aggregation}, the rest at the trainer's defaults unless the arm says otherwise); "
-        f"clean-only: {args.clean_steps} steps from scratch, on seed(s) {', '.join(map(str, seeds_of(args, 'clean')))}. "
-        f"Seeds {', '.join(map(str, args.seeds))}. The `grouped` arm reads `meta_grouped.json` (as many meta chains, "
-        "four per question, two right and two wrong) instead of `meta.json` (one chain per question).", "",
+        + (f"clean-only: {args.clean_steps} steps from scratch, on seed(s) "
+           f"{', '.join(map(str, seeds_of(args, 'clean')))}. " if "clean" in args.arms else "")
+        + f"Seeds {', '.join(map(str, args.seeds))}."
+        + (" The `grouped` arm reads `meta_grouped.json` (as many meta chains, four per question, two right and two "
+           "wrong) instead of `meta.json` (one chain per question)." if "grouped" in args.arms else ""), "",
         *goals(args, runs),
     ]
     for task_name, manifest in manifests.items():
