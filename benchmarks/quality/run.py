@@ -433,7 +433,7 @@ def write_results(args, command: str, manifests: dict, runs: dict, timing: dict,
         f"Tasks (`make_task.py --task NAME`, task seed {args.task_seed}): {any_manifest['meta']['chains']} clean meta "
         f"chains ({any_manifest['meta']['true']} right), {any_manifest['test']['questions']} Best-of-N test questions x "
         f"{any_manifest['test']['n']} candidates. Training: tiny Qwen2-VL (hidden {args.hidden_size}, "
-        f"{args.num_layers} layers, --head {args.head}), fp32, --lr {args.lr}, --batch_size {args.batch_size}; "
+        f"{args.num_layers} layers, --head {args.head}), fp32 (arms named _bf16: bf16), --lr {args.lr}, --batch_size {args.batch_size}; "
         f"a vanilla warm-up of {args.warmup} steps per task and seed, then {args.steps} steps per arm (DreamPRM: "
         f"--meta_lr {args.meta_lr}, --meta_batch_size {args.meta_batch_size}, --unroll_steps {args.unroll_steps}, "
         f"--aggregation {args.aggregation}, the rest at the trainer's defaults unless the arm says otherwise); "
