@@ -74,7 +74,8 @@ def analyse(run: Path, last: int, confidence: float) -> dict:
     chance = META_LOSS_CHANCE[bilevel["meta_loss"]]
     tail = losses[-last:]
     se = statistics.stdev(tail) / math.sqrt(len(tail))
-    out = {"run": str(run), "upper_steps": len(steps), "steps_without_pairs": len(steps) - len(losses), "meta_loss": bilevel["meta_loss"], "chance": chance,
+    out = {"run": str(run), "upper_steps": len(steps), "steps_without_pairs": len(steps) - len(losses),
+           "meta_loss": bilevel["meta_loss"], "chance": chance,
            "meta_loss_all": statistics.fmean(losses), "meta_loss_last": statistics.fmean(tail), "meta_loss_last_se": se,
            "z_below_chance_last": (chance - statistics.fmean(tail)) / se if se > 0 else float("nan"),
            "logged_weights": {d: scalars[f"domain_weight/{d}"][-1][1] for d in domains}, "domains": {}}
@@ -101,7 +102,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = p.parse_args(argv)
     results = [analyse(Path(run), args.last, args.confidence) for run in args.runs]
     for r in results:
-        print(f"{r['run']}: {r['upper_steps']} upper steps ({r['steps_without_pairs']} without a pair); meta loss ({r['meta_loss']}, chance {r['chance']:.3f}) "
+        print(f"{r['run']}: {r['upper_steps']} upper steps ({r['steps_without_pairs']} without a pair); meta loss "
+              f"({r['meta_loss']}, chance {r['chance']:.3f}) "
               f"{r['meta_loss_all']:.3f} over the run, {r['meta_loss_last']:.3f} ± {r['meta_loss_last_se']:.3f} over the "
               f"last {args.last} ({r['z_below_chance_last']:+.1f} SE below chance); evidence first open at upper step "
               f"{r['first_evidence_step']} (--meta_evidence {args.confidence:g})")
