@@ -27,6 +27,7 @@ from dreamprm.data.sampler import DistributedBatchSampler
 from dreamprm.data.stream import BatchStream, StreamPosition
 from dreamprm.distributed import engine as dist_engine
 from dreamprm.distributed.engine import DistInfo, DistributedEngine
+from dreamprm.losses import META_LOSS_CHANCE
 from dreamprm.model.loading import build_prm
 from dreamprm.preflight import reason_counts
 
@@ -140,7 +141,9 @@ def upper_level(config: TrainConfig, domains: dict[str, int], num_records: int
     instance_weights = (InstanceWeights(num_records, b.instance_lr)
                         if b.weighting != "domain" and not b.baseline else None)
     optimizer = build_meta_optimizer(b.meta_optimizer, domain_weights.parameters(), lr=b.meta_lr,
-                                     weight_decay=b.meta_weight_decay, beta=b.meta_beta)
+                                     weight_decay=b.meta_weight_decay, beta=b.meta_beta,
+                                     chance=META_LOSS_CHANCE[b.meta_loss] if b.meta_evidence > 0 else None,
+                                     confidence=b.meta_evidence)
     return domain_weights, instance_weights, optimizer
 
 
@@ -163,6 +166,9 @@ def batch_streams(config: TrainConfig, info: DistInfo, processor: Any, train_rec
     if b.baseline:  # a vanilla PRM never reads meta batches
         return train, None
     meta_set = MetaDataset(meta_records, d.max_image_side)
+    # The chains of one question (meta records sharing `question_id`) go into one meta batch.
+    questions = meta_set.question_units()
     sampler = DistributedBatchSampler(meta_set.lengths(), b.meta_batch_size, num_replicas=info.world_size,
-                                      rank=info.rank, seed=run.seed + 1)
+                                      rank=info.rank, seed=run.seed + 1, units=questions,
+                                      whole_units=questions is not None)
     return train, BatchStream(DataLoader(meta_set, batch_sampler=sampler, **loader_args), sampler, meta_position)

@@ -95,6 +95,9 @@ class BilevelConfig:
                              "original's), 'sgd'", choices=META_OPTIMIZERS)
     meta_beta: float = _f(0.98, "--meta_optimizer gated: averaging factor of the hypergradient's moving averages "
                           "(pools about (1+β)/(1-β) upper steps)")
+    meta_evidence: float = _f(0.0, "--meta_optimizer gated: also wait until the averaged meta loss stands this many "
+                              "standard errors below chance (0: off; docs/hypergradient.md, 'Waiting for a meta loss "
+                              "below chance')")
     meta_loss: str = _f("pairwise", "upper-level objective: 'pairwise' (right chains scored above wrong ones, "
                         "-log sigmoid(z_right - z_wrong); what Best-of-N needs) or 'mse' (the original's "
                         "(sigmoid(z) - label)^2)", choices=META_LOSSES)
@@ -224,6 +227,8 @@ class TrainConfig:
                     "weight_check_every": self.bilevel.weight_check_every, "max_bad_steps": self.run.max_bad_steps,
                     "dist_timeout": self.run.dist_timeout}
         found += [f"--{name}: must be >= 1, got {value}" for name, value in positive.items() if value < 1]
+        if not (math.isfinite(self.bilevel.meta_evidence) and self.bilevel.meta_evidence >= 0):
+            found.append(f"--meta_evidence: must be a number >= 0, got {self.bilevel.meta_evidence}")
         if not 0.0 <= self.bilevel.meta_beta < 1.0:
             found.append(f"--meta_beta: must be in [0, 1), got {self.bilevel.meta_beta}")
         for name, value in {"lr": self.optim.lr, "meta_lr": self.bilevel.meta_lr, "fd_radius": self.bilevel.fd_radius,

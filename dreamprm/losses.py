@@ -5,6 +5,7 @@ which is only right at batch size 1.)
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -31,36 +32,59 @@ def weighted_training_loss(per_sample: torch.Tensor, domain: torch.Tensor, weigh
     return (per_sample_weights * per_sample).sum() / per_sample.numel()
 
 
-def mse_meta_loss(chain_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The original: mean over chains of (sigmoid(chain logit) - correctness label)^2.
+def meta_pairs(labels: torch.Tensor, questions: torch.Tensor | None = None) -> torch.Tensor:
+    """[chains, chains] mask of the (right i, wrong j) pairs the pairwise objective compares.
 
-    It rewards calibration as much as ranking: a PRM whose chain scores rank right above wrong
-    chains but sit near 0.5 scores near chance (0.25), and its gradient follows label means."""
-    return ((torch.sigmoid(chain_logits) - labels) ** 2).mean()
+    `questions` [chains] (an integer per chain; None: every chain its own question): a chain whose
+    question has both a right and a wrong chain in the batch is paired only within its question, as
+    Best-of-N compares chains (a pair across questions also compares the two questions' difficulty
+    and images); the remaining chains (questions with one kind of chain, e.g. one chain) are paired
+    with each other across questions, the fallback. Without `questions` every right-wrong pair counts.
+    """
+    right = labels > 0.5
+    pairs = right[:, None] & ~right[None, :]
+    if questions is None:
+        return pairs
+    within = pairs & (questions[:, None] == questions[None, :])
+    has_partner = within.any(dim=1) | within.any(dim=0)
+    return within | (pairs & ~has_partner[:, None] & ~has_partner[None, :])
 
 
-def pairwise_meta_loss(chain_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean over (right, wrong) chain pairs of -log sigmoid(z_right - z_wrong), z the chain logit.
+def pairwise_meta_loss(chain_logits: torch.Tensor, labels: torch.Tensor,
+                       questions: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over (right, wrong) chain pairs (`meta_pairs`) of -log sigmoid(z_right - z_wrong), z the
+    chain logit.
 
     What Best-of-N needs: right chains ranked above wrong ones. A shift of every score leaves it
     unchanged, so label means and calibration cannot steer the hypergradient. log 2 = chance.
     A batch without both kinds of chain contributes 0 (and no gradient)."""
-    right = labels > 0.5
-    pairs = right[:, None] & ~right[None, :]
+    pairs = meta_pairs(labels, questions)
     if not bool(pairs.any()):
         return chain_logits.sum() * 0.0
     margins = chain_logits[:, None] - chain_logits[None, :]
     return F.softplus(-margins[pairs]).mean()
 
 
-META_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+def mse_meta_loss(chain_logits: torch.Tensor, labels: torch.Tensor, questions: torch.Tensor | None = None) -> torch.Tensor:
+    """The original: mean over chains of (sigmoid(chain logit) - correctness label)^2 (`questions`
+    unused: every chain counts alone).
+
+    It rewards calibration as much as ranking: a PRM whose chain scores rank right above wrong
+    chains but sit near 0.5 scores near chance (0.25), and its gradient follows label means."""
+    return ((torch.sigmoid(chain_logits) - labels) ** 2).mean()
+
+
+META_LOSSES: dict[str, Callable[..., torch.Tensor]] = {
     "mse": mse_meta_loss, "pairwise": pairwise_meta_loss,
 }
-META_LOSS_CHANCE = {"mse": 0.25, "pairwise": 0.6931}  # value of a PRM that scores every chain alike
+# Value of a PRM that scores every chain alike (exact: --meta_evidence compares averages with it to 1e-4).
+META_LOSS_CHANCE = {"mse": 0.25, "pairwise": math.log(2)}
 
 
-def chain_meta_loss(chain_logits: torch.Tensor, labels: torch.Tensor, objective: str = "mse") -> torch.Tensor:
-    """The upper-level objective over chain logits [chains] and correctness labels [chains]."""
+def chain_meta_loss(chain_logits: torch.Tensor, labels: torch.Tensor, objective: str = "mse",
+                    questions: torch.Tensor | None = None) -> torch.Tensor:
+    """The upper-level objective over chain logits [chains] and correctness labels [chains];
+    `questions` [chains]: which question each chain answers (`meta_pairs`; None: one per chain)."""
     if objective not in META_LOSSES:
         raise ValueError(f"--meta_loss: unknown objective {objective!r}; choose one of {sorted(META_LOSSES)}")
-    return META_LOSSES[objective](chain_logits, labels.to(chain_logits.dtype))
+    return META_LOSSES[objective](chain_logits, labels.to(chain_logits.dtype), questions)

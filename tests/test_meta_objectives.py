@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dreamprm.bilevel.aggregation import AGGREGATIONS, aggregate, aggregate_logits, meta_loss
-from dreamprm.bilevel.meta_optimizer import SignalGatedSGD, build_meta_optimizer, effective_count
+from dreamprm.bilevel.meta_optimizer import SignalGatedSGD, build_meta_optimizer, effective_count, evidence_factor
 from dreamprm.losses import META_LOSSES, chain_meta_loss, pairwise_meta_loss
 
 
@@ -126,3 +126,70 @@ def test_gated_optimiser_state_round_trips_exactly():
         first.step()
         second.step()
     assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------ the gate waits for the meta objective
+def drive_with_meta_loss(meta_loss: float, steps: int = 300, seed: int = 0, spread: float = 0.1) -> torch.Tensor:
+    """Final logits of the gated optimiser (chance log 2) fed a consistent hypergradient (0.3 sigma)
+    and meta losses `meta_loss + N(0, spread)`."""
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.nn.Parameter(torch.zeros(200, dtype=torch.float64))
+    optimizer = build_meta_optimizer("gated", [logits], lr=0.1, weight_decay=0.0, beta=0.98, chance=math.log(2))
+    for _ in range(steps):
+        logits.grad = 0.3 + torch.randn(200, dtype=torch.float64, generator=generator)
+        loss = meta_loss + spread * float(torch.randn((), dtype=torch.float64, generator=generator))
+        optimizer.step(lambda: loss)
+    return logits.detach()
+
+
+def test_a_consistent_hypergradient_moves_nothing_while_the_meta_loss_is_at_chance():
+    # The issue's run: meta loss 0.69 (log 2 = 0.693) while the hypergradient kept a direction.
+    at_chance = drive_with_meta_loss(math.log(2))
+    assert float(at_chance.abs().max()) < 0.5, at_chance.abs().max()
+    above_chance = drive_with_meta_loss(0.75)
+    assert torch.equal(above_chance, torch.zeros_like(above_chance))
+    # Below chance by a few standard errors (0.1 / sqrt(99) = 0.01 at these settings): it follows.
+    ranking = drive_with_meta_loss(0.60)
+    assert float(ranking.mean()) < -5.0 and float((ranking < 0).float().mean()) > 0.99
+
+
+def test_evidence_factor_opens_with_the_confidence_of_the_meta_loss():
+    # n_eff 99 (beta 0.98, long run), per-step spread 0.1: standard error 0.01; z = 2 needs 0.02 below chance.
+    t, beta = 10_000, 0.98
+    for mean, expected in ((0.70, 0.0), (0.68, 0.0), (0.6731, 0.0), (0.6531, 0.75), (0.5931, 0.96)):
+        square = mean ** 2 + 0.01 * (98 / 99)  # variance 0.01 after the unbiasing factor
+        got = evidence_factor(mean, square, beta, t, chance=math.log(2), confidence=2.0)
+        assert got == pytest.approx(expected, abs=0.01), (mean, got)
+    assert evidence_factor(0.1, 0.01, beta, 3, chance=math.log(2), confidence=2.0) == 0.0  # n_eff < 5: shut
+
+
+def test_without_a_meta_loss_the_gate_reads_the_hypergradient_alone_and_the_evidence_round_trips():
+    assert float(drive("gated", 0.3).mean()) < -5.0  # step() without a closure: as before
+    torch.manual_seed(2)
+    a = torch.nn.Parameter(torch.zeros(4, dtype=torch.float64))
+    first = SignalGatedSGD([a], lr=0.1, chance=math.log(2))
+    steps = [(torch.randn(4, dtype=torch.float64) + 0.5, 0.55 + 0.05 * float(torch.randn(()))) for _ in range(40)]
+    for g, loss in steps[:25]:
+        a.grad = g.clone()
+        first.step(lambda: loss)
+    b = torch.nn.Parameter(a.detach().clone())
+    second = SignalGatedSGD([b], lr=0.1, chance=math.log(2))
+    second.load_state_dict(copy.deepcopy(first.state_dict()))  # as read back from a checkpoint
+    for g, loss in steps[25:]:
+        a.grad, b.grad = g.clone(), g.clone()
+        first.step(lambda: loss)
+        second.step(lambda: loss)
+    assert torch.equal(a, b) and first.state["meta_evidence"]["evidence"] > 0.5
+
+
+def test_meta_evidence_is_off_by_default_and_checked(capsys):
+    from dreamprm.config import parse_args
+    from dreamprm.build import upper_level
+    assert parse_args([]).bilevel.meta_evidence == 0.0
+    _, _, optimizer = upper_level(parse_args([]), {"a": 0, "b": 1}, 4)
+    assert optimizer.chance is None  # the gate reads the hypergradient alone
+    _, _, optimizer = upper_level(parse_args(["--meta_evidence", "2"]), {"a": 0, "b": 1}, 4)
+    assert optimizer.chance == pytest.approx(math.log(2)) and optimizer.confidence == 2.0
+    with pytest.raises(SystemExit) as stop:
+        parse_args(["--meta_evidence", "-1"])
+    assert stop.value.code == 2 and "error: --meta_evidence: must be a number >= 0" in capsys.readouterr().err

@@ -34,7 +34,9 @@ Writes, under ``--out``:
     train.json         all the task's domains (lower level)
     corrupted.json     indices (in train.json) of the records whose label the corruption changed
     train_clean.json   the clean domain(s) alone (the learnability check)
-    meta.json          clean meta chains, half right, half wrong (upper level)
+    meta.json          clean meta chains, half right, half wrong, one per question (upper level)
+    meta_grouped.json  the same number of clean meta chains, four per question (two right, two
+                       wrong; `question_id`), as real meta sets are laid out
     test.json          Best-of-N candidates: N = 8 chains per question, 1-4 of them right
     task.json          the manifest: seed, sizes, per-domain noise and label means
 
@@ -98,6 +100,7 @@ TASKS: dict[str, dict[str, Domain]] = {
 DOMAINS = TASKS["noise"]
 N_CANDIDATES = 8
 MAX_RIGHT = 4  # a test question has 1..MAX_RIGHT right candidates out of N_CANDIDATES
+META_CHAINS_PER_QUESTION = 4  # meta_grouped.json
 
 
 def sample_chain(item: dict, rng: random.Random, correct: bool) -> tuple[list[str], str, int | None]:
@@ -214,6 +217,40 @@ def build_meta(seed: int, out: Path, n_meta: int, p_wrong: float = 0.5) -> list[
     return records
 
 
+def build_meta_grouped(seed: int, out: Path, n_meta: int, per_question: int = META_CHAINS_PER_QUESTION) -> list[dict]:
+    """The meta set as real ones are laid out (DreamPRM-1.5's: ~4 answers per question, balanced):
+    `n_meta` chains in all, `per_question` per question (half right, half wrong, distinct texts),
+    each with the `question_id` that the pairwise objective pairs within."""
+    if n_meta % per_question or per_question % 2:
+        raise ValueError(f"--meta {n_meta}: must be a multiple of {per_question} chains per question, "
+                         f"an even number")
+    rng = random.Random(f"quality/{seed}/meta_grouped")
+    records = []
+    for q in range(n_meta // per_question):
+        item = demo.new_item(rng, str(out), f"metaq_{q:03d}")
+        flags = [True] * (per_question // 2) + [False] * (per_question // 2)
+        rng.shuffle(flags)
+        for j, (text, ok) in enumerate(distinct_chains(item, rng, flags)):
+            records.append({"id": f"metaq-{q:03d}-{j}", "question_id": f"metaq-{q:03d}",
+                            "input": item["question"] + "\n\n" + text, "image_path": item["image_path"],
+                            "true_false": ok})
+    return records
+
+
+def distinct_chains(item: dict, rng: random.Random, flags: list[bool]) -> list[tuple[str, bool]]:
+    """One chain text per flag (right or wrong) for one question, distinct texts where possible."""
+    chains, seen = [], set()
+    for ok in flags:
+        for _ in range(50):  # prefer distinct texts
+            steps, answer, _ = sample_chain(item, rng, ok)
+            text = demo.chain_text(steps, answer)
+            if text not in seen:
+                break
+        seen.add(text)
+        chains.append((text, ok))
+    return chains
+
+
 def build_test(seed: int, out: Path, n_questions: int) -> list[dict]:
     """Best-of-N questions: N_CANDIDATES chains each, 1..MAX_RIGHT of them right, distinct texts."""
     rng = random.Random(f"quality/{seed}/test")
@@ -223,15 +260,7 @@ def build_test(seed: int, out: Path, n_questions: int) -> list[dict]:
         n_right = rng.randint(1, MAX_RIGHT)
         flags = [True] * n_right + [False] * (N_CANDIDATES - n_right)
         rng.shuffle(flags)
-        candidates, seen = [], set()
-        for ok in flags:
-            for _ in range(50):  # prefer distinct texts
-                steps, answer, _ = sample_chain(item, rng, ok)
-                text = demo.chain_text(steps, answer)
-                if text not in seen:
-                    break
-            seen.add(text)
-            candidates.append({"text": text, "correct": ok})
+        candidates = [{"text": text, "correct": ok} for text, ok in distinct_chains(item, rng, flags)]
         records.append({"id": f"test-{i:03d}", "image_path": item["image_path"], "question": item["question"],
                         "candidates": candidates, "ground_truth": item["gt"]})
     return records
@@ -251,16 +280,18 @@ def make_task(out: str | Path, seed: int = 0, chains_per_domain: int = 48, n_met
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)
     for name in sorted(os.listdir(images)):  # drop stale images of an earlier draw
-        if name.endswith(".png") and name.split("_")[0] in ("train", "meta", "test"):
+        if name.endswith(".png") and name.split("_")[0] in ("train", "meta", "metaq", "test"):
             os.remove(images / name)
     train, domain_stats, corrupted = build_train(seed, out, chains_per_domain, task, inverted_size)
     meta = build_meta(seed, out, n_meta, meta_wrong)
+    meta_grouped = build_meta_grouped(seed, out, n_meta)
     test = build_test(seed, out, n_test)
     write_json(out / "train.json", train)
     write_json(out / "corrupted.json", corrupted)
     clean = [name for name, d in TASKS[task].items() if d.kind == "clean"]
     write_json(out / "train_clean.json", [r for r in train if r["dataset"] in clean])
     write_json(out / "meta.json", meta)
+    write_json(out / "meta_grouped.json", meta_grouped)
     write_json(out / "test.json", test)
     right = [sum(c["correct"] for c in q["candidates"]) for q in test]
     manifest = {
@@ -268,6 +299,8 @@ def make_task(out: str | Path, seed: int = 0, chains_per_domain: int = 48, n_met
         "corrupted_records": len(corrupted),
         "meta": {"chains": len(meta), "true": sum(r["true_false"] for r in meta),
                  "label_mean": round(sum(r["true_false"] for r in meta) / len(meta), 4)},
+        "meta_grouped": {"chains": len(meta_grouped), "true": sum(r["true_false"] for r in meta_grouped),
+                         "questions": len({r["question_id"] for r in meta_grouped})},
         "test": {"questions": len(test), "n": N_CANDIDATES, "right_per_question": [min(right), max(right)],
                  "random_pick": round(sum(right) / (N_CANDIDATES * len(test)), 4)},
     }

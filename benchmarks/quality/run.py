@@ -1,23 +1,34 @@
 #!/usr/bin/env python
 """The domain-quality benchmark, one command: does DreamPRM find the bad domains and select better?
 
-    python benchmarks/quality/run.py            # three tasks x five seeds, every default arm (see RESULTS.md)
+    python benchmarks/quality/run.py            # three tasks x three seeds, the default arms (see RESULTS.md)
     python benchmarks/quality/run.py --tasks noise --seeds 0 --arms vanilla pairwise   # a quick look
 
-Steps (all on CPU, the tiny Qwen2-VL, fp32, one process per run):
+Everything, the report included, goes to a new folder, ``runs/quality/<UTC start time>`` (``--out``);
+a committed report of this folder is replaced only with ``--overwrite_committed``.
+
+Steps (all on CPU, the tiny Qwen2-VL, fp32 unless an arm says bf16, one process per run):
 
 1. `make_task.py` writes each task (``--tasks``: noise, label_mean, real; training domains of known
-   label quality, a clean meta set, a Best-of-N test set with N = 8) under ``--out``/TASK/task.
+   label quality, a clean meta set in two layouts, a Best-of-N test set with N = 8) under
+   ``--out``/TASK/task.
 2. Per task and seed, a tiny Qwen2-VL (random init from the seed), then:
    - ``warmup``:   vanilla PRM training (``--baseline``) for ``--warmup`` steps on all domains;
    - ``vanilla``:  resumes the warm-up checkpoint, ``--steps`` more vanilla steps;
    - ``pairwise``: resumes it, ``--steps`` steps of DreamPRM at the trainer's defaults (pairwise meta
-                   objective, gated domain-logit optimiser, the segment's batches);
-   - ``mse``:      the same with the original objective (``--meta_loss mse``);
+                   objective, gated domain-logit optimiser, the segment's batches), meta set
+                   ``meta.json`` (one chain per question: every pair compares two questions);
+   - ``grouped``:  the same on ``meta_grouped.json`` (as many chains, four per question: pairs
+                   within a question, as Best-of-N compares chains and as real meta sets are laid out);
+   - ``mse``:      (optional) the original objective (``--meta_loss mse``);
    - ``original``: (optional) the original recipe: mse, AdamW on the logits, the last batch only;
    - ``exact``:    (optional) the defaults with ``--hypergrad exact`` whatever ``--hypergrad`` says;
-   - ``clean``:    vanilla on the clean domain(s) alone, from scratch, ``--clean_steps`` steps: the
-                   learnability check (it must beat a random pick clearly).
+   - ``evidence``: (optional) the defaults with ``--meta_evidence 2`` (the gate also waits for a meta
+                   loss two standard errors below chance);
+   - ``vanilla_bf16``, ``pairwise_bf16``: (optional) vanilla and the defaults in ``--precision bf16``
+                   (``--hypergrad exact``: fd refuses bf16), from a bf16 warm-up of their own;
+   - ``clean``:    vanilla on the clean domain(s) alone, from scratch, ``--clean_steps`` steps, on the
+                   first ``--clean_seeds`` seeds: the learnability check (it must beat a random pick).
    The warm-up is a meta warm-up: the arms share it and differ only afterwards. At random
    initialisation the hypergradient carries no domain signal (`diagnose.py`: per-step SNR ~0.02).
 3. Every trained PRM selects on the test set (`python -m dreamprm.bestofn`); RESULTS.md reports, per
@@ -28,7 +39,7 @@ Steps (all on CPU, the tiny Qwen2-VL, fp32, one process per run):
 
 Runs go ``--workers`` at a time with ``--threads`` threads each (2 x 1 is faster than 1 x 2 on two
 cores: one process keeps ~1.2 cores busy). ``--reuse`` continues an interrupted benchmark (same
-settings): jobs whose results exist are skipped. Writes ``--results`` (Markdown) and ``--json``.
+settings and ``--out``): jobs whose results exist are skipped.
 """
 from __future__ import annotations
 
@@ -60,21 +71,33 @@ ARMS = {
     "vanilla": ["--baseline"],
     "mse": ["--meta_loss", "mse"],  # the original objective
     "pairwise": ["--meta_loss", "pairwise"],  # the default objective
+    "grouped": ["--meta_loss", "pairwise"],  # the same on meta_grouped.json: four chains per question
     "original": ["--meta_loss", "mse", "--meta_optimizer", "adamw", "--hypergrad_batches", "last"],  # the recipe
     "exact": ["--hypergrad", "exact"],  # defaults with the exact estimator (whatever --hypergrad says)
     "instance": ["--weighting", "instance", "--hypergrad", "fd"],  # one weight per record (needs fd)
     "both": ["--weighting", "both", "--hypergrad", "fd"],  # domain x record weights
     "clean": ["--baseline"],  # the clean domain(s) alone, from scratch
+    "evidence": ["--meta_loss", "pairwise", "--meta_evidence", "2"],  # the gate also waits for a meta loss below chance
+    "vanilla_bf16": ["--baseline"],  # what GPU users run: bf16 (from a bf16 warm-up)
+    "pairwise_bf16": ["--meta_loss", "pairwise", "--hypergrad", "exact"],  # fd refuses bf16 parameters
 }
-DEFAULT_ARMS = ("vanilla", "mse", "pairwise", "clean")
+PRECISION = {"vanilla_bf16": "bf16", "pairwise_bf16": "bf16"}  # the other arms: fp32
+META_FILE = {"grouped": "meta_grouped.json"}  # the other arms: meta.json (one chain per question)
+DEFAULT_ARMS = ("vanilla", "pairwise", "grouped", "clean")
 ARM_LABELS = {"vanilla": "vanilla PRM (--baseline)", "mse": "DreamPRM, original objective (--meta_loss mse)",
-              "pairwise": "DreamPRM, defaults (--meta_loss pairwise)",
+              "pairwise": "DreamPRM, defaults (--meta_loss pairwise), one meta chain per question",
+              "grouped": "DreamPRM, defaults, four meta chains per question (pairs within a question)",
               "original": "DreamPRM, original recipe (mse, AdamW, last batch)",
               "exact": "DreamPRM, defaults with --hypergrad exact", "clean": "vanilla PRM, clean domain(s) only",
               "instance": "DreamPRM, instance weights (--weighting instance)",
-              "both": "DreamPRM, domain x instance weights (--weighting both)"}
-BILEVEL_ARMS = ("mse", "pairwise", "original", "exact", "instance", "both")
+              "both": "DreamPRM, domain x instance weights (--weighting both)",
+              "evidence": "DreamPRM, defaults with --meta_evidence 2",
+              "vanilla_bf16": "vanilla PRM, --precision bf16",
+              "pairwise_bf16": "DreamPRM, defaults, --precision bf16 (--hypergrad exact)"}
+BILEVEL_ARMS = ("mse", "pairwise", "grouped", "evidence", "original", "exact", "instance", "both", "pairwise_bf16")
 INSTANCE_ARMS = ("instance", "both")
+# The arm each DreamPRM arm is compared with (same precision, same warm-up).
+BASELINE_OF = {"pairwise_bf16": "vanilla_bf16"}
 
 
 def noise_of(task: str) -> dict[str, float]:
@@ -184,9 +207,10 @@ def fmt(values: list[float], digits: int = 3) -> str:
 
 
 # ------------------------------------------------------------------------------------- plan
-def train_command(args, task: Path, model: Path, out: Path, seed: int, *extra: str) -> list[str]:
+def train_command(args, task: Path, model: Path, out: Path, seed: int, *extra: str, precision: str = "fp32",
+                  meta_file: str = "meta.json") -> list[str]:
     return [sys.executable, str(REPO / "launch" / "train.py"), "--reward_model", str(model), "--weights_path", str(out),
-            "--meta_json_file", str(task / "meta.json"), "--precision", "fp32", "--head", args.head,
+            "--meta_json_file", str(task / meta_file), "--precision", precision, "--head", args.head,
             "--lr", str(args.lr), "--batch_size", str(args.batch_size), "--seed", str(seed),
             "--log_every", "20", "--save_every_iterations", "1000000", *extra]
 
@@ -197,8 +221,14 @@ def bestofn_command(run: Path, task: Path) -> list[str]:
             "--report", str(run / "test_report.json"), "--device", "cpu"]
 
 
+def seeds_of(args, arm: str) -> list[int]:
+    """The seeds an arm runs: every seed, except the clean-only check (the first --clean_seeds)."""
+    return args.seeds[:args.clean_seeds] if arm == "clean" else args.seeds
+
+
 def plan(args, root: Path) -> list[Job]:
-    """Per task and seed: a shared vanilla warm-up, then each arm from its checkpoint, then selection."""
+    """Per task and seed: a shared vanilla warm-up (one per precision), then each arm from its
+    checkpoint, then selection."""
     jobs: list[Job] = []
     logs = root / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -209,33 +239,40 @@ def plan(args, root: Path) -> list[Job]:
         for seed in args.seeds:
             tag = f"{task_name}-s{seed}"
             model = root / "models" / f"tiny-s{seed}"
-            warm = root / task_name / "runs" / f"warmup-s{seed}"
-            if any(a != "clean" for a in args.arms):
-                jobs.append(Job(f"warmup-{tag}", train_command(
+            arms = [a for a in args.arms if seed in seeds_of(args, a)]
+            for precision in sorted({PRECISION.get(a, "fp32") for a in arms if a != "clean"}):
+                suffix = "" if precision == "fp32" else f"_{precision}"
+                warm = root / task_name / "runs" / f"warmup{suffix}-s{seed}"
+                jobs.append(Job(f"warmup{suffix}-{tag}", train_command(
                     args, task, model, warm, seed, "--train_json_file", str(task / "train.json"), "--baseline",
-                    "--iteration_num", str(args.warmup), "--no-export"), log=logs / f"warmup-{tag}.log",
-                    result=warm / "domain_weights.json"))
-            checkpoint = warm / "checkpoints" / f"step_{args.warmup:08d}"
-            for arm in args.arms:
+                    "--iteration_num", str(args.warmup), "--no-export", precision=precision),
+                    log=logs / f"warmup{suffix}-{tag}.log", result=warm / "domain_weights.json"))
+            for arm in arms:
                 run = root / task_name / "runs" / f"{arm}-s{seed}"
+                precision = PRECISION.get(arm, "fp32")
+                suffix = "" if precision == "fp32" else f"_{precision}"
                 if arm == "clean":
                     command = train_command(args, task, model, run, seed, "--train_json_file",
                                             str(task / "train_clean.json"), "--baseline",
                                             "--iteration_num", str(args.clean_steps))
                     after: tuple[str, ...] = ()
                 else:
-                    mode = ARMS[arm] + ([] if arm == "vanilla" else bilevel + ["--hypergrad", args.hypergrad] * (
+                    checkpoint = root / task_name / "runs" / f"warmup{suffix}-s{seed}" / "checkpoints" / \
+                        f"step_{args.warmup:08d}"
+                    mode = ARMS[arm] + ([] if arm not in BILEVEL_ARMS else bilevel + ["--hypergrad", args.hypergrad] * (
                         "--hypergrad" not in ARMS[arm]))
                     command = train_command(args, task, model, run, seed, "--train_json_file", str(task / "train.json"),
                                             "--resume", str(checkpoint), "--iteration_num",
-                                            str(args.warmup + args.steps), *mode)
-                    after = (f"warmup-{tag}",)
+                                            str(args.warmup + args.steps), *mode, precision=precision,
+                                            meta_file=META_FILE.get(arm, "meta.json"))
+                    after = (f"warmup{suffix}-{tag}",)
                 jobs.append(Job(f"{arm}-{tag}", command, after, log=logs / f"{arm}-{tag}.log",
                                 result=run / "export" / "prm_config.json"))
                 jobs.append(Job(f"select-{arm}-{tag}", bestofn_command(run, task), (f"{arm}-{tag}",),
                                 log=logs / f"select-{arm}-{tag}.log", result=run / "test_report.json"))
     # Long jobs first among the ready ones: warm-ups, then the bilevel arms.
-    priority = {"warmup": 0, "select": 0, "vanilla": 2, "clean": 3, **{a: 1 for a in BILEVEL_ARMS}}
+    priority = {"warmup": 0, "warmup_bf16": 0, "select": 0, "vanilla": 2, "vanilla_bf16": 2, "clean": 3,
+                **{a: 1 for a in BILEVEL_ARMS}}
     jobs.sort(key=lambda j: priority[j.name.split("-")[0]])
     return jobs
 
@@ -245,8 +282,8 @@ def collect(args, root: Path) -> dict:
     runs = {}
     for task_name in args.tasks:
         noise = noise_of(task_name)
-        for seed in args.seeds:
-            for arm in args.arms:
+        for arm in args.arms:
+            for seed in seeds_of(args, arm):
                 run = root / task_name / "runs" / f"{arm}-s{seed}"
                 report = json.loads((run / "test_report.json").read_text())
                 entry = {"task": task_name, "arm": arm, "seed": seed, "n": report["n_max"],
@@ -277,18 +314,19 @@ def goals(args, runs: dict) -> list[str]:
     n = str(next(iter(runs.values()))["n"])
     lines = []
     for arm in [a for a in args.arms if a in BILEVEL_ARMS]:
-        gains = [runs[f"{arm}-{t}-s{s}"]["by_n"][n]["prm"] - runs[f"vanilla-{t}-s{s}"]["by_n"][n]["prm"]
-                 for t in args.tasks for s in args.seeds] if "vanilla" in args.arms else []
+        baseline = BASELINE_OF.get(arm, "vanilla")
+        gains = [runs[f"{arm}-{t}-s{s}"]["by_n"][n]["prm"] - runs[f"{baseline}-{t}-s{s}"]["by_n"][n]["prm"]
+                 for t in args.tasks for s in args.seeds] if baseline in args.arms else []
         if not gains:
             continue
         above = sum(g > 0 for g in gains)
-        lines.append(f"| {ARM_LABELS[arm]} | {above}/{len(gains)} ({above / len(gains):.0%}) | "
+        lines.append(f"| {ARM_LABELS[arm]} | {baseline} | {above}/{len(gains)} ({above / len(gains):.0%}) | "
                      f"{statistics.fmean(gains) * 100:+.1f} | {min(gains) * 100:+.1f} |")
     if not lines:
         return []
     return [f"### Against vanilla at Best-of-{n}, over every (task, seed) run", "",
-            "| arm | runs above vanilla (goal ≥ 80%) | mean gain, points (goal ≥ +5) | worst run, points (goal ≥ -5) |",
-            "|---|---:|---:|---:|", *lines, ""]
+            "| arm | against | runs above it (goal ≥ 80%) | mean gain, points (goal ≥ +5) | worst run, points (goal ≥ -5) |",
+            "|---|---|---:|---:|---:|", *lines, ""]
 
 
 def weight_table(args, task_name: str, manifest: dict, runs: dict) -> list[str]:
@@ -331,8 +369,7 @@ def instance_table(args, task_name: str, manifest: dict, runs: dict) -> list[str
 
 
 def bon_table(args, task_name: str, runs: dict) -> list[str]:
-    seeds = args.seeds
-    any_run = runs[f"{args.arms[0]}-{task_name}-s{seeds[0]}"]
+    any_run = runs[f"{args.arms[0]}-{task_name}-s{args.seeds[0]}"]
     ns, n = list(any_run["by_n"]), any_run["n"]
     lines = ["| selector | " + " | ".join(f"N={k}" for k in ns) + f" | per seed, N={n} |",
              "|---|" + "---:|" * (len(ns) + 1)]
@@ -340,6 +377,7 @@ def bon_table(args, task_name: str, runs: dict) -> list[str]:
     for key, label in (("random", "random pick"), ("majority", "majority vote")):
         lines.append(f"| {label} | " + " | ".join(f"{any_run['by_n'][k][key]:.3f}" for k in ns) + " | |")
     for arm in args.arms:
+        seeds = seeds_of(args, arm)
         cells = [fmt([runs[f"{arm}-{task_name}-s{s}"]["by_n"][k]["prm"] for s in seeds]) for k in ns]
         per_seed = ", ".join(f"{runs[f'{arm}-{task_name}-s{s}']['by_n'][str(n)]['prm']:.3f}" for s in seeds)
         lines.append(f"| {ARM_LABELS[arm]} | " + " | ".join(cells) + f" | {per_seed} |")
@@ -367,6 +405,7 @@ def write_results(args, command: str, manifests: dict, runs: dict, timing: dict,
     result = {"command": command, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "machine": info, "settings": {k: v for k, v in vars(args).items() if k not in ("results", "json")},
               "tasks": manifests, "timing": timing, "runs": runs}
+    path_json.parent.mkdir(parents=True, exist_ok=True)
     path_json.write_text(json.dumps(result, indent=1) + "\n")
     any_manifest = next(iter(manifests.values()))
     md = [
@@ -381,11 +420,15 @@ def write_results(args, command: str, manifests: dict, runs: dict, timing: dict,
         f"Tasks (`make_task.py --task NAME`, task seed {args.task_seed}): {any_manifest['meta']['chains']} clean meta "
         f"chains ({any_manifest['meta']['true']} right), {any_manifest['test']['questions']} Best-of-N test questions x "
         f"{any_manifest['test']['n']} candidates. Training: tiny Qwen2-VL (hidden {args.hidden_size}, "
-        f"{args.num_layers} layers, --head {args.head}), fp32, --lr {args.lr}, --batch_size {args.batch_size}; "
+        f"{args.num_layers} layers, --head {args.head}), fp32 (arms named _bf16: bf16), --lr {args.lr}, --batch_size {args.batch_size}; "
         f"a vanilla warm-up of {args.warmup} steps per task and seed, then {args.steps} steps per arm (DreamPRM: "
         f"--meta_lr {args.meta_lr}, --meta_batch_size {args.meta_batch_size}, --unroll_steps {args.unroll_steps}, "
         f"--aggregation {args.aggregation}, the rest at the trainer's defaults unless the arm says otherwise); "
-        f"clean-only: {args.clean_steps} steps from scratch. Seeds {', '.join(map(str, args.seeds))}.", "",
+        + (f"clean-only: {args.clean_steps} steps from scratch, on seed(s) "
+           f"{', '.join(map(str, seeds_of(args, 'clean')))}. " if "clean" in args.arms else "")
+        + f"Seeds {', '.join(map(str, args.seeds))}."
+        + (" The `grouped` arm reads `meta_grouped.json` (as many meta chains, four per question, two right and two "
+           "wrong) instead of `meta.json` (one chain per question)." if "grouped" in args.arms else ""), "",
         *goals(args, runs),
     ]
     for task_name, manifest in manifests.items():
@@ -398,46 +441,75 @@ def write_results(args, command: str, manifests: dict, runs: dict, timing: dict,
 
 
 # ------------------------------------------------------------------------------------- main
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every default except None (whose meaning the help text gives)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", default=str(REPO / "runs" / "quality"), help="tasks, models, runs and logs go here")
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
+    started = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    p.add_argument("--out", default=str(REPO / "runs" / "quality" / started),
+                   help="tasks, models, runs, logs and the report go here (a new folder named by the start time)")
     p.add_argument("--tasks", nargs="+", default=["noise", "label_mean", "real"], choices=list(make_task.TASKS),
                    help="'hidden' (corrupted records inside clean domains) is for --arms instance both")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    p.add_argument("--arms", nargs="+", default=list(DEFAULT_ARMS), choices=list(ARMS))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (model init, data order)")
+    p.add_argument("--arms", nargs="+", default=list(DEFAULT_ARMS), choices=list(ARMS),
+                   help="what to train per task and seed (see the module docstring)")
     g = p.add_argument_group("task")
-    g.add_argument("--task_seed", type=int, default=0)
-    g.add_argument("--chains_per_domain", type=int, default=200)
-    g.add_argument("--meta", type=int, default=128, help="meta chains (half right)")
+    g.add_argument("--task_seed", type=int, default=0, help="the task draw (images, chains, labels, noise)")
+    g.add_argument("--chains_per_domain", type=int, default=200, help="training chains per domain")
+    g.add_argument("--meta", type=int, default=128,
+                   help="meta chains (half right); meta_grouped.json has as many, four per question")
     g.add_argument("--test", type=int, default=96, help="Best-of-N test questions")
     g.add_argument("--inverted_size", type=float, default=make_task.INVERTED_SIZE,
                    help="chains of the domain that outweighs the clean one, in units of --chains_per_domain")
     g = p.add_argument_group("model and training")
-    g.add_argument("--hidden_size", type=int, default=64)
-    g.add_argument("--num_layers", type=int, default=2)
-    g.add_argument("--head", default="hidden", choices=("hidden", "logits"))
+    g.add_argument("--hidden_size", type=int, default=64, help="tiny Qwen2-VL text hidden size")
+    g.add_argument("--num_layers", type=int, default=2, help="tiny Qwen2-VL text layers")
+    g.add_argument("--head", default="hidden", choices=("hidden", "logits"), help="the PRM's score head")
     g.add_argument("--lr", type=float, default=1e-3,
                    help="PRM learning rate; 3e-3 collapses the mixed-domain PRM to a constant in 2 of 3 seeds")
-    g.add_argument("--batch_size", type=int, default=16)
+    g.add_argument("--batch_size", type=int, default=16, help="training records per step")
     g.add_argument("--warmup", type=int, default=300, help="shared vanilla steps before the arms branch")
     g.add_argument("--steps", type=int, default=150, help="steps of each arm after the warm-up")
     g.add_argument("--clean_steps", type=int, default=300, help="steps of the clean-only check (from scratch)")
-    g.add_argument("--meta_lr", type=float, default=0.1)
-    g.add_argument("--meta_batch_size", type=int, default=8)
+    g.add_argument("--clean_seeds", type=int, default=1,
+                   help="the clean-only check runs on the first this many --seeds (it checks learnability, "
+                   "which varies little over seeds: Best-of-8 std 0.02-0.03 over 5 seeds)")
+    g.add_argument("--meta_lr", type=float, default=0.1, help="DreamPRM arms: --meta_lr")
+    g.add_argument("--meta_batch_size", type=int, default=8, help="DreamPRM arms: --meta_batch_size")
     g.add_argument("--unroll_steps", type=int, default=2, help="lower steps per upper step")
-    g.add_argument("--aggregation", default="mean_logit")
+    g.add_argument("--aggregation", default="mean_logit", help="DreamPRM arms: --aggregation")
     g.add_argument("--hypergrad", default="fd", choices=("exact", "fd"),
-                   help="estimator of the DreamPRM arms: fd (fp32 here) costs two forwards whatever the number of "
-                   "domains and agrees with exact to cosine 1.0000 (tests/test_hypergradient.py); exact, the "
+                   help="estimator of the fp32 DreamPRM arms: fd (fp32 here) costs two forwards whatever the number "
+                   "of domains and agrees with exact to cosine 1.0000 (tests/test_hypergradient.py); exact, the "
                    "trainer's default for bf16, costs one pass per domain")
     g = p.add_argument_group("execution and output")
     g.add_argument("--workers", type=int, default=2, help="runs at a time")
     g.add_argument("--reuse", action="store_true",
                    help="skip jobs whose results exist under --out (continue an interrupted benchmark with the same settings)")
     g.add_argument("--threads", type=int, default=1, help="OMP threads per run")
-    g.add_argument("--results", default=str(HERE / "RESULTS.md"))
-    g.add_argument("--json", default=str(HERE / "results.json"))
-    return p.parse_args(argv)
+    g.add_argument("--results", default=None, help="the Markdown report (default: RESULTS.md in --out)")
+    g.add_argument("--json", default=None, help="the JSON results (default: results.json in --out)")
+    g.add_argument("--overwrite_committed", action="store_true",
+                   help=f"allow --results / --json to replace a report committed in {HERE.relative_to(REPO)}/")
+    args = p.parse_args(argv)
+    args.results = args.results or str(Path(args.out) / "RESULTS.md")
+    args.json = args.json or str(Path(args.out) / "results.json")
+    for flag, path in (("--results", args.results), ("--json", args.json)):
+        if committed_report(Path(path)) and not args.overwrite_committed:
+            p.error(f"{flag} {path}: is a committed report; pass --overwrite_committed to replace it, "
+                    "or name another file")
+    return args
+
+
+def committed_report(path: Path) -> bool:
+    """True for an existing file in this benchmark's folder (the committed RESULTS*.md / results*.json)."""
+    path = path.resolve()
+    return path.exists() and path.parent == HERE
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -83,7 +83,9 @@ def upper_step(engine: Any, weights: DomainWeights, meta_optimizer: torch.optim.
         if update_domains:
             meta_optimizer.zero_grad(set_to_none=True)
             weights.logits.grad = hyper.to(weights.logits.dtype).clone()
-            meta_optimizer.step()
+            # --meta_evidence: the gated optimiser waits for a meta loss below chance. A meta batch
+            # without a right-wrong pair (v = 0, loss 0) is no evidence.
+            meta_optimizer.step(lambda: meta_loss_value if v_norm > 0 else None)
         if instance_weights is not None:
             instance_summary = instance_weights.step(rows, row_hypergradient)
     return UpperResult(meta_loss=meta_loss_value, directional=directional, hypergradient=hyper,
@@ -101,13 +103,20 @@ def meta_gradient(engine: Any, meta_batch: dict[str, torch.Tensor], aggregation:
     """
     logits = engine.upper_forward(model_inputs(meta_batch))
     labels = meta_batch["target"].float()
+    n, rank = labels.numel(), engine.info.rank
     chain_logits = aggregate_logits(aggregation, logits.float(), meta_batch["item_index"], labels.numel())
-    gathered = engine.all_gather(torch.stack([chain_logits.detach(), labels], dim=1).double())
+    # The question of each chain travels with its logit (pairs within a question may span ranks).
+    # Without question ids each chain is its own question: a negative id unique over ranks.
+    questions = meta_batch.get("question")
+    if questions is None:
+        questions = -1 - torch.arange(rank * n, (rank + 1) * n, device=labels.device)
+    # float64 holds integer ids exactly up to 2^53.
+    gathered = engine.all_gather(torch.stack([chain_logits.detach().double(), labels.double(),
+                                              questions.to(labels.device).double()], dim=1))
     all_logits = gathered[:, 0].clone().requires_grad_(True)
     with torch.enable_grad():
-        loss = chain_meta_loss(all_logits, gathered[:, 1], objective)
+        loss = chain_meta_loss(all_logits, gathered[:, 1], objective, gathered[:, 2])
         (dloss_dlogits,) = torch.autograd.grad(loss, all_logits)
-    n, rank = labels.numel(), engine.info.rank
     local = dloss_dlogits[rank * n:(rank + 1) * n].to(chain_logits.dtype)
     v = engine.backward_without_step((local * chain_logits).sum() * engine.info.world_size)
     # Identical on every rank unless one rank's value is not finite: the sum tells all of them.

@@ -43,11 +43,18 @@ class TrainDataset(Dataset):
 
 
 class MetaDataset(Dataset):
-    """One item per meta chain: (image, all its step prefixes, correctness label)."""
+    """One item per meta chain: (image, all its step prefixes, correctness label, question index).
+
+    The question index numbers the distinct ``question_id``s in order of first appearance; a chain
+    without one is a question of its own."""
 
     def __init__(self, records: list[MetaRecord], max_image_side: int = 512):
         self.records = records
         self.max_image_side = max_image_side
+        index: dict[str, int] = {}
+        self.questions = [index.setdefault(r.question_id, len(index)) if r.question_id is not None else -1
+                          for r in records]
+        self.questions = [q if q >= 0 else len(index) + i for i, q in enumerate(self.questions)]
 
     def __len__(self) -> int:
         return len(self.records)
@@ -55,7 +62,15 @@ class MetaDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         r = self.records[index]
         return {"image": load_image(r.image_path, self.max_image_side), "texts": list(r.prefixes),
-                "domain": -1, "target": r.label}
+                "domain": -1, "target": r.label, "question": self.questions[index]}
+
+    def question_units(self) -> list[list[int]] | None:
+        """The indices of each question's chains, in order of first appearance; None when every
+        question has one chain (nothing to keep together)."""
+        units: dict[int, list[int]] = {}
+        for i, q in enumerate(self.questions):
+            units.setdefault(q, []).append(i)
+        return list(units.values()) if len(units) < len(self.records) else None
 
     def lengths(self) -> list[int]:
         return [sum(len(p) for p in r.prefixes) for r in self.records]
@@ -94,10 +109,19 @@ class PRMCollator:
         batch = dict(self.processor(text=texts, images=images, padding=True, return_tensors="pt"))
         batch["score_index"] = score_positions(batch["attention_mask"])
         batch["item_index"] = torch.tensor(item_index, dtype=torch.long)
-        batch["domain"] = torch.tensor([item["domain"] for item in items], dtype=torch.long)
-        batch["target"] = torch.tensor([item["target"] for item in items], dtype=torch.float32)
-        batch["record"] = record_indices(items)
+        batch.update(item_tensors(items))
         return batch
+
+
+def item_tensors(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """The per-item fields of a batch: ``domain``, ``target``, ``record`` and, for meta chains,
+    ``question`` (`MetaDataset`)."""
+    out = {"domain": torch.tensor([item["domain"] for item in items], dtype=torch.long),
+           "target": torch.tensor([item["target"] for item in items], dtype=torch.float32),
+           "record": record_indices(items)}
+    if "question" in items[0]:
+        out["question"] = torch.tensor([item["question"] for item in items], dtype=torch.long)
+    return out
 
 
 def record_indices(items: list[dict[str, Any]]) -> torch.Tensor:

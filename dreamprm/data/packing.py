@@ -32,7 +32,7 @@ from typing import Any, Sequence
 
 import torch
 
-from dreamprm.data.datasets import PRMCollator, record_indices
+from dreamprm.data.datasets import PRMCollator, item_tensors
 
 PACKING_MODES = ("none", "chain")
 
@@ -247,9 +247,7 @@ class PackedPRMCollator(PRMCollator):
         batch["score_row"] = torch.tensor([r for r, _ in order], dtype=torch.long)
         batch["score_index"] = torch.tensor([q for _, q in order], dtype=torch.long)
         batch["item_index"] = torch.tensor([i for i, item in enumerate(items) for _ in item["texts"]], dtype=torch.long)
-        batch["domain"] = torch.tensor([item["domain"] for item in items], dtype=torch.long)
-        batch["target"] = torch.tensor([item["target"] for item in items], dtype=torch.float32)
-        batch["record"] = record_indices(items)
+        batch.update(item_tensors(items))
         return batch
 
     @staticmethod

@@ -8,7 +8,8 @@ validators that build those lines (`record_location`, `check_fields`, `check_ste
 Training records (lower level): ``input``, ``add``, ``image_path``, ``dataset``, ``accuracy``;
 optional ``id``, ``sid``, ``ground_truth``, ``score``, ``times``. Model text: ``input + "\\n\\n" + add``.
 Meta records (upper level): ``input`` (question + whole chain), ``image_path``, ``true_false``;
-optional ``id``. The chain is split into step prefixes by `dreamprm.data.steps`.
+optional ``id`` and ``question_id`` (chains that answer one question share it: the pairwise meta
+objective then compares them with each other). The chain is split into step prefixes by `dreamprm.data.steps`.
 """
 from __future__ import annotations
 
@@ -57,6 +58,7 @@ class MetaRecord:
     label: float
     chain_id: str | None
     source: str
+    question_id: str | None = None  # chains of one question share it (`dreamprm.losses.meta_pairs`)
 
 
 def read_json_records(path: str | Path, problems: list[str]) -> list[Any]:
@@ -171,7 +173,8 @@ _TRAIN_FIELDS = {
     "accuracy": (_NUMBER, True), "id": ((str, int), False), "sid": (int, False),
     "ground_truth": ((str, int, float), False), "score": (_NUMBER, False), "times": (_NUMBER, False),
 }
-_META_FIELDS = {"input": (str, True), "image_path": (str, True), "true_false": (bool, True), "id": ((str, int), False)}
+_META_FIELDS = {"input": (str, True), "image_path": (str, True), "true_false": (bool, True), "id": ((str, int), False),
+                "question_id": ((str, int), False)}
 
 
 def check_step_markers(text: str, where: str, field: str, problems: list[str]) -> list[str]:
@@ -238,9 +241,10 @@ def _build_meta(record: Any, where: str, root: Path, images: ImageChecker, probl
     image = resolve_image(record, where, root, images, problems)
     if not prefixes or image is None:
         return None
-    chain_id = record.get("id")
+    chain_id, question_id = record.get("id"), record.get("question_id")
     return MetaRecord(prefixes=tuple(prefixes), image_path=image, label=float(record["true_false"]),
-                      chain_id=None if chain_id is None else str(chain_id), source=where)
+                      chain_id=None if chain_id is None else str(chain_id), source=where,
+                      question_id=None if question_id is None else str(question_id))
 
 
 def check_duplicates(items: Iterable[tuple[Any, str]], field: str, problems: list[str]) -> None:
