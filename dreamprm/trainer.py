@@ -26,7 +26,7 @@ from dreamprm.config import ConfigError, TrainConfig
 from dreamprm.data.records import domain_index
 from dreamprm.data.stream import StreamPosition
 from dreamprm.distributed.engine import DistInfo
-from dreamprm.losses import per_sample_mse, weighted_training_loss
+from dreamprm.losses import lower_loss, weighted_training_loss
 from dreamprm.metrics import MetricsLogger, MetricWindow
 from dreamprm.model.loading import export_prm, resolve_model_dir
 from dreamprm.model.prm import model_inputs
@@ -81,6 +81,7 @@ class Trainer:
         build.write_skipped_records(self.output, records.skipped, info)
         self.processor = load_processor(self.reward_model, trust_remote_code=config.model.trust_remote_code)
         self.engine = build.engine(config, self.ds_config, self.reward_model, info)
+        self.lower_loss = lower_loss(config.model.head, config.model.generative_loss)
         self.domain_weights, self.instance_weights, self.meta_optimizer = build.upper_level(
             config, self.domains, len(self.train_records))
         self.state = TrainState()
@@ -247,7 +248,7 @@ class Trainer:
             if cpu_batch is None:
                 return None
             batch = self.engine.to_device(cpu_batch)
-            per_sample = per_sample_mse(self.engine.forward(model_inputs(batch)), batch["target"])
+            per_sample = self.lower_loss(self.engine.forward(model_inputs(batch)), batch["target"])
             instance = None if self.instance_weights is None else self.instance_weights.weights(batch["record"])
             loss = weighted_training_loss(per_sample, batch["domain"], weights, instance)
             nonfinite += (~torch.isfinite(loss)).float()
@@ -283,7 +284,7 @@ class Trainer:
         result = upper_step(self.engine, self.domain_weights, self.meta_optimizer, meta_batch, train_batches,
                             method=b.hypergrad, radius=b.fd_radius, aggregation=b.aggregation, objective=b.meta_loss,
                             geometry=b.hypergrad_geometry, instance_weights=self.instance_weights,
-                            update_domains=b.weighting != "instance")
+                            update_domains=b.weighting != "instance", lower_loss=self.lower_loss)
         seconds = time.perf_counter() - started  # synchronised: the result came through all-reduces
         self.state.upper_steps += 1
         if result.applied:
@@ -405,7 +406,8 @@ class Trainer:
                 meta = {"base_model": self.reward_model, "domains": self.domains, "domain_weights": weights,
                         "weighting": self.config.bilevel.weighting,
                         "aggregation": self.config.bilevel.aggregation, "step": self.state.step,
-                        "max_image_side": self.config.data.max_image_side}
+                        "max_image_side": self.config.data.max_image_side,
+                        "judge_tokens": self.config.model.judge_tokens}
                 export_prm(self.output / "export", state_dict, self.engine.module, self.processor, meta)
         self.logger.info(f"done at step {self.state.step}; domain weights: "
                          + ", ".join(f"{k}={v:.3f}" for k, v in weights.items()))
