@@ -19,6 +19,7 @@ from dreamprm.bilevel.domain_weights import DomainWeights
 from dreamprm.bilevel.instance_weights import InstanceWeights
 from dreamprm.bilevel.meta_optimizer import build_meta_optimizer
 from dreamprm.config import REPO_ROOT, TINY_MODEL, ConfigError, TrainConfig, load_ds_config, resolve_ds_config
+from dreamprm.data.chat import chain_layout
 from dreamprm.data.datasets import MetaDataset, TrainDataset
 from dreamprm.data.packing import chain_units, group_chain_records, make_collator
 from dreamprm.data.records import (DataValidationError, ImageChecker, MetaRecord, TrainRecord, load_meta_records,
@@ -185,7 +186,8 @@ def engine(config: TrainConfig, ds_config: dict[str, Any], reward_model: str, in
         # attention cannot); per-prefix rows keep the library's default.
         model = build_prm(reward_model, m.head, seed=config.run.seed, dtype=PRECISIONS[o.precision],
                           trust_remote_code=m.trust_remote_code, gradient_checkpointing=m.gradient_checkpointing,
-                          attn_implementation="sdpa" if config.data.packing == "chain" else None)
+                          attn_implementation="sdpa" if config.data.packing == "chain" else None,
+                          judge_tokens=m.judge_tokens)
 
     def step_lr(optimizer: torch.optim.Optimizer):
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=o.scheduler_step_size, gamma=o.scheduler_gamma)
@@ -207,10 +209,12 @@ def upper_level(config: TrainConfig, domains: dict[str, int], num_records: int
 
 def batch_streams(config: TrainConfig, info: DistInfo, processor: Any, train_records: list[TrainRecord],
                   meta_records: list[MetaRecord], domains: dict[str, int], train_position: StreamPosition,
-                  meta_position: StreamPosition) -> tuple[BatchStream, BatchStream | None]:
-    """The training stream (ends after --max_epoch) and the meta stream (None for a vanilla PRM)."""
+                  meta_position: StreamPosition, adapter: Any = None) -> tuple[BatchStream, BatchStream | None]:
+    """The training stream (ends after --max_epoch) and the meta stream (None for a vanilla PRM);
+    ``adapter``: the backbone's (`dreamprm.model.adapters`, the PRM's ``.adapter``)."""
     d, o, b, run = config.data, config.optim, config.bilevel, config.run
-    collator = make_collator(processor, d.packing)
+    # The head chooses the chat layout (generative: one step per turn), the backbone its adapter.
+    collator = make_collator(processor, d.packing, chain_layout(config.model.head, config.model.judge_tokens), adapter)
     # Packing: the records of one chain that nest and share a batch are scored in one row;
     # --chain_batches also samples them together.
     groups = group_chain_records(train_records) if d.packing == "chain" else None

@@ -87,7 +87,7 @@ class Trainer:
         self.state = TrainState()
         self.train_batches, self.meta_batches = build.batch_streams(
             config, info, self.processor, self.train_records, records.meta, self.domains, self.state.train,
-            self.state.meta)
+            self.state.meta, adapter=self.engine.module.adapter)
         self._saved: tuple[int, Path] | None = None  # (step, folder) of the last checkpoint written
         self.checkpointer = Checkpointer(self.output / "checkpoints", self.engine, keep_last=config.run.keep_last)
         self._maybe_resume()

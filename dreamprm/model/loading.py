@@ -17,12 +17,13 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForImageTextToText
+from transformers import AutoConfig, AutoModelForImageTextToText
 from transformers.utils import logging as hf_logging
 
 from dreamprm.config import ConfigError
 from dreamprm.model.export_files import BACKBONE_WEIGHTS, HEAD_FILE, PRM_CONFIG
-from dreamprm.model.judge import JUDGE_DEFAULT, resolve_judge_tokens
+from dreamprm.model.adapters import UnsupportedBackbone, adapter_for
+from dreamprm.model.judge import JUDGE_DEFAULT, JudgeTokenError, resolve_judge_tokens
 from dreamprm.model.prm import HeadType, ProcessRewardModel
 from dreamprm.model.processor import ImageOnlyQwen2VLProcessor, load_processor
 
@@ -68,13 +69,21 @@ def judge_ids_for(path: str | Path, head: str, judge_tokens: str = JUDGE_DEFAULT
         return None
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code, local_files_only=True)
-    return resolve_judge_tokens(tokenizer, judge_tokens, source=f"the tokenizer of {path}")
+    try:
+        return resolve_judge_tokens(tokenizer, judge_tokens, source=f"the tokenizer of {path}")
+    except JudgeTokenError as err:  # a user's choice of flag and model: exit 2 with the reason
+        raise ConfigError(str(err)) from err
 
 
 def build_prm(path: str | Path, head: HeadType, *, seed: int, dtype: torch.dtype = torch.float32,
               trust_remote_code: bool = False, gradient_checkpointing: bool = False,
               attn_implementation: str | None = None, judge_tokens: str = JUDGE_DEFAULT) -> ProcessRewardModel:
-    judge_ids = judge_ids_for(resolve_model_dir(path), head, judge_tokens, trust_remote_code)
+    path = resolve_model_dir(path)
+    try:
+        adapter_for(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True))
+    except UnsupportedBackbone as err:  # refused before the weights load
+        raise ConfigError(f"--reward_model {path}: {err}") from err
+    judge_ids = judge_ids_for(path, head, judge_tokens, trust_remote_code)
     backbone = load_backbone(path, dtype=dtype, trust_remote_code=trust_remote_code,
                              attn_implementation=attn_implementation)
     if gradient_checkpointing:
