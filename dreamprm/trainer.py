@@ -169,7 +169,7 @@ class Trainer:
         # Model directories are recorded absolute; older checkpoints may hold a relative spelling.
         then = {**saved["identity"], "reward_model": os.path.abspath(saved["identity"]["reward_model"])}
         for key, now in self._identity().items():
-            if then[key] != now:
+            if then.get(key) != now:
                 differences.append(f"{key}: checkpoint {saved['identity'][key]!r} vs now {now!r}")
         if differences:
             raise ConfigError(f"--resume {folder}: the checkpoint belongs to a different run: " + "; ".join(differences))
@@ -184,7 +184,9 @@ class Trainer:
 
     def _identity(self) -> dict[str, str]:
         """What a checkpoint must share with the run that resumes it (besides the domains)."""
-        return {"reward_model": self.reward_model, "head": self.config.model.head}
+        m = self.config.model
+        judge = {"judge_tokens": m.judge_tokens} if m.head == "generative" else {}
+        return {"reward_model": self.reward_model, "head": m.head, **judge}
 
     # ------------------------------------------------------------------ training
     def train(self) -> int:
