@@ -31,13 +31,16 @@ from dreamprm.bilevel import hypergradient as hg  # noqa: E402
 from dreamprm.bilevel.domain_weights import DomainWeights  # noqa: E402
 from dreamprm.bilevel.upper import domain_sums_at, exact_domain_dots, meta_gradient  # noqa: E402
 from dreamprm.config import DEMO_DIR, REPO_ROOT, TrainConfig, load_ds_config, resolve_ds_config  # noqa: E402
+from dreamprm.data.chat import chain_layout  # noqa: E402
 from dreamprm.data.datasets import MetaDataset, PRMCollator, TrainDataset  # noqa: E402
+from dreamprm.losses import lower_loss  # noqa: E402
 from dreamprm.data.records import domain_index, load_meta_records, load_train_records  # noqa: E402
 
 
 def fixed_batches(train_file: str, meta_file: str, processor, global_batch: int, meta_global: int,
-                  rank: int = 0, world: int = 1, max_per_domain: int | None = None):
-    """The first records of each domain in turn (so every domain is present), split across ranks."""
+                  rank: int = 0, world: int = 1, max_per_domain: int | None = None, head: str = "logits"):
+    """The first records of each domain in turn (so every domain is present), split across ranks;
+    in the chat layout of ``head`` (generative: one step per turn)."""
     train = load_train_records(train_file)
     domains = domain_index(train)
     by_domain = {d: [r for r in train if r.domain == d] for d in domains}
@@ -47,7 +50,7 @@ def fixed_batches(train_file: str, meta_file: str, processor, global_batch: int,
         picked.append(by_domain[d][i // len(domains)])
         i += 1
     meta = load_meta_records(meta_file)[:meta_global]
-    collate = PRMCollator(processor)
+    collate = PRMCollator(processor, chain_layout(head))
     per, mper = global_batch // world, meta_global // world
     train_set, meta_set = TrainDataset(picked, domains), MetaDataset(meta)
     local_train = collate([train_set[j] for j in range(rank * per, (rank + 1) * per)])
@@ -58,13 +61,18 @@ def fixed_batches(train_file: str, meta_file: str, processor, global_batch: int,
 
 
 def reference_values(model_dir: str, head: str, seed: int, full_train, full_meta, num_domains: int,
-                     combos: list[tuple[str, str]]) -> dict[tuple[str, str], torch.Tensor]:
+                     combos: list[tuple[str, str]], loss: str = "mse") -> dict[tuple[str, str], torch.Tensor]:
     """d_k in float64 without DeepSpeed (benchmarks/fp64_reference.py) for each (objective, aggregation):
-    the K domain gradients once, one meta-gradient per combination."""
-    ref = Float64Reference(model_dir, head, seed)
+    the K domain gradients once, one meta-gradient per combination. ``loss``: the lower loss's name."""
+    ref = Float64Reference(model_dir, head, seed, loss)
     domain_grads = ref.domain_gradients([full_train], num_domains)
     return {(objective, aggregation): ref.directional(domain_grads, ref.meta_gradient([full_meta], aggregation, objective))
             for objective, aggregation in combos}
+
+
+def loss_name(args: argparse.Namespace) -> str:
+    """The lower loss of the run: the generative head's --generative_loss, else the squared error."""
+    return args.generative_loss if args.head == "generative" else "mse"
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -85,12 +93,12 @@ def objective_grid(engine, info, args, model_dir, train, meta, full_train, full_
         for aggregation in AGGREGATIONS:
             v, _ = meta_gradient(engine, meta, aggregation, objective)
             v_norm = math.sqrt(float(engine.global_dot(v, v)))
-            exact = exact_domain_dots(engine, train, v, k)
+            exact = exact_domain_dots(engine, train, v, k, lower_loss(args.head, args.generative_loss))
             direction = engine.full_gradients_for_edit(v)
 
             def sums_at(t):
                 engine.perturb(snapshot, direction, t)
-                return domain_sums_at(engine, train, k)
+                return domain_sums_at(engine, train, k, lower_loss(args.head, args.generative_loss))
             try:
                 fd = hg.central_difference(sums_at, hg.fd_epsilon(radius, v_norm), args.global_batch)
             finally:
@@ -98,7 +106,8 @@ def objective_grid(engine, info, args, model_dir, train, meta, full_train, full_
             grid[f"{objective}/{aggregation}"] = {"exact": exact.tolist(), "fd": fd.tolist()}
     if args.reference and info.rank == 0:
         combos = [tuple(name.split("/")) for name in grid]
-        refs = reference_values(model_dir, args.head, args.seed, full_train, full_meta, k, combos)
+        refs = reference_values(model_dir, args.head, args.seed, full_train, full_meta, k, combos,
+                                loss_name(args))
         logits = torch.zeros(k, dtype=torch.float64)
         for (objective, aggregation), ref in refs.items():
             entry = grid[f"{objective}/{aggregation}"]
@@ -149,7 +158,8 @@ def fidelity_engine(reward_model: str, head: str, deepspeed_file: str, precision
 def add_model_and_data_args(p: argparse.ArgumentParser) -> None:
     """The model, records and DeepSpeed config flags the fidelity scripts share."""
     p.add_argument("--reward_model", default="tiny")
-    p.add_argument("--head", default="logits", choices=("logits", "hidden"))
+    p.add_argument("--head", default="logits", choices=("logits", "hidden", "generative"))
+    p.add_argument("--generative_loss", default="bce", choices=("bce", "mse"), help="--head generative: lower loss")
     p.add_argument("--train_json_file", default=str(DEMO_DIR / "train.json"))
     p.add_argument("--meta_json_file", default=str(DEMO_DIR / "meta.json"))
     p.add_argument("--deepspeed", default=str(REPO_ROOT / "ds_configs" / "zero3.json"))
@@ -179,7 +189,9 @@ def main(argv: list[str] | None = None) -> None:
                                                          args.global_batch, args.seed)
     world = info.world_size
     domains, train, meta, full_train, full_meta = fixed_batches(
-        args.train_json_file, args.meta_json_file, processor, args.global_batch, args.meta_global, info.rank, world)
+        args.train_json_file, args.meta_json_file, processor, args.global_batch, args.meta_global, info.rank, world,
+        head=args.head)
+    loss = lower_loss(args.head, args.generative_loss)
     k = len(domains)
     train, meta = engine.to_device(train), engine.to_device(meta)
 
@@ -189,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     (v, meta_value), t_v = timed(lambda: meta_gradient(engine, meta, args.aggregation, args.meta_loss))
     v_norm = math.sqrt(float(engine.global_dot(v, v)))
     results: dict[str, dict] = {}
-    d_exact, t = timed(lambda: exact_domain_dots(engine, train, v, k))
+    d_exact, t = timed(lambda: exact_domain_dots(engine, train, v, k, loss))
     results["exact"] = {"directional": d_exact.tolist(), "seconds": t}
     snapshot = engine.master_params_snapshot()
     direction = engine.full_gradients_for_edit(v)
@@ -200,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
         def fd():
             def sums_at(t):
                 engine.perturb(snapshot, direction, t)
-                return domain_sums_at(engine, train, k)
+                return domain_sums_at(engine, train, k, loss)
             try:
                 return hg.central_difference(sums_at, eps, n_global)
             finally:
@@ -219,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.reference and info.rank == 0:
         t0 = time.perf_counter()
         ref = reference_values(model_dir, args.head, args.seed, full_train, full_meta, k,
-                               [(args.meta_loss, args.aggregation)])[(args.meta_loss, args.aggregation)]
+                               [(args.meta_loss, args.aggregation)], loss_name(args))[(args.meta_loss, args.aggregation)]
         ref_hyper = fp64_reference.hypergradient(ref, weights.logits)
         summary["reference"] = {"directional": ref.tolist(), "hypergradient": ref_hyper.tolist(),
                                 "seconds": time.perf_counter() - t0}

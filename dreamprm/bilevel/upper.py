@@ -203,7 +203,8 @@ def per_sample_losses_at(engine: Any, batch: dict[str, torch.Tensor],
     return lower_loss(logits, batch["target"])
 
 
-def domain_sums_at(engine: Any, batch: dict[str, torch.Tensor], num_domains: int) -> torch.Tensor:
+def domain_sums_at(engine: Any, batch: dict[str, torch.Tensor], num_domains: int,
+                   lower_loss: LowerLoss = per_sample_mse) -> torch.Tensor:
     """All-reduced per-domain loss sums S_k at the current parameters (no-grad forward)."""
-    sums = domain_loss_sums(per_sample_losses_at(engine, batch), batch["domain"], num_domains).double()
+    sums = domain_loss_sums(per_sample_losses_at(engine, batch, lower_loss), batch["domain"], num_domains).double()
     return engine.all_reduce_sum(sums)
