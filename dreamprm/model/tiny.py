@@ -1,11 +1,14 @@
-"""A tiny, randomly initialised Qwen2-VL with a locally trained tokenizer: the offline stand-in for
-`Qwen/Qwen2-VL-2B-Instruct` that tests and the demo use.
+"""A tiny, randomly initialised vision-language model with a locally trained tokenizer: the offline
+stand-in for `Qwen/Qwen2-VL-2B-Instruct` (``--arch qwen2_vl``, the default) or
+`Qwen/Qwen2.5-VL-3B-Instruct` (``--arch qwen2_5_vl``) that tests and the demo use.
 
-It is the real `Qwen2VLForConditionalGeneration` architecture (vision tower, merger, M-RoPE text
-decoder) at a few hundred thousand parameters, saved with `save_pretrained` so that the same loading
-code reads it as a real checkpoint directory.
+It is the real `*ForConditionalGeneration` architecture (vision tower, merger, M-RoPE text decoder)
+at a few hundred thousand parameters, saved with `save_pretrained` so that the same loading code
+reads it as a real checkpoint directory. "+" and "-" are single tokens of its tokenizer, so the
+generative head can judge with it.
 
     python -m dreamprm.model.tiny --out runs/tiny-qwen2vl
+    python -m dreamprm.model.tiny --arch qwen2_5_vl --out runs/tiny-qwen2_5vl
 """
 from __future__ import annotations
 
@@ -14,7 +17,8 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+from transformers import (AutoModelForImageTextToText, PreTrainedTokenizerFast, Qwen2_5_VLConfig,
+                          Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig, Qwen2VLForConditionalGeneration)
 
 from dreamprm.model.processor import ImageOnlyQwen2VLProcessor, _ImageProcessor
 
@@ -62,8 +66,12 @@ def build_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def build_config(tokenizer: PreTrainedTokenizerFast, *, hidden_size: int = 64, num_layers: int = 2) -> Qwen2VLConfig:
-    """Qwen2-VL's architecture at toy scale; token ids come from the tokenizer."""
+ARCHES = ("qwen2_vl", "qwen2_5_vl")
+
+
+def build_config(tokenizer: PreTrainedTokenizerFast, *, hidden_size: int = 64, num_layers: int = 2,
+                 arch: str = "qwen2_vl") -> Qwen2VLConfig | Qwen2_5_VLConfig:
+    """Qwen2-VL's (or Qwen2.5-VL's) architecture at toy scale; token ids come from the tokenizer."""
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     num_heads = 4
     head_dim = hidden_size // num_heads
@@ -77,9 +85,19 @@ def build_config(tokenizer: PreTrainedTokenizerFast, *, hidden_size: int = 64, n
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope},
         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
     )
-    vision = dict(depth=2, embed_dim=32, num_heads=2, mlp_ratio=2, hidden_size=hidden_size,
-                  patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
-    return Qwen2VLConfig(
+    if arch == "qwen2_5_vl":
+        # Qwen2.5-VL's tower: windowed attention with full-attention blocks, an MLP merger to out_hidden_size.
+        vision = dict(depth=2, hidden_size=32, num_heads=2, intermediate_size=64, out_hidden_size=hidden_size,
+                      fullatt_block_indexes=[1], window_size=112, patch_size=14, spatial_merge_size=2,
+                      temporal_patch_size=2, in_channels=3)
+        config_class = Qwen2_5_VLConfig
+    elif arch == "qwen2_vl":
+        vision = dict(depth=2, embed_dim=32, num_heads=2, mlp_ratio=2, hidden_size=hidden_size,
+                      patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+        config_class = Qwen2VLConfig
+    else:
+        raise ValueError(f"--arch must be one of {', '.join(ARCHES)}, got {arch!r}")
+    return config_class(
         text_config=text, vision_config=vision,
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
@@ -87,13 +105,15 @@ def build_config(tokenizer: PreTrainedTokenizerFast, *, hidden_size: int = 64, n
     )
 
 
-def build_tiny_qwen2vl(out_dir: str | Path, *, seed: int = 0, hidden_size: int = 64, num_layers: int = 2) -> Path:
-    """Build and save a tiny random Qwen2-VL plus its processor; returns the directory."""
+def build_tiny_qwen2vl(out_dir: str | Path, *, seed: int = 0, hidden_size: int = 64, num_layers: int = 2,
+                       arch: str = "qwen2_vl") -> Path:
+    """Build and save a tiny random Qwen2-VL (or Qwen2.5-VL) plus its processor; returns the directory."""
     out_dir = Path(out_dir)
     tokenizer = build_tokenizer()
-    config = build_config(tokenizer, hidden_size=hidden_size, num_layers=num_layers)
+    config = build_config(tokenizer, hidden_size=hidden_size, num_layers=num_layers, arch=arch)
     torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(config)
+    model_class = Qwen2_5_VLForConditionalGeneration if arch == "qwen2_5_vl" else Qwen2VLForConditionalGeneration
+    model = model_class(config)
     # Small images keep the demo fast: at most 224x224 reaches the vision tower.
     image_processor = _ImageProcessor(min_pixels=28 * 28, max_pixels=224 * 224)
     processor = ImageOnlyQwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
@@ -107,14 +127,16 @@ def build_tiny_qwen2vl(out_dir: str | Path, *, seed: int = 0, hidden_size: int =
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="qwen2_vl", choices=ARCHES, help="backbone architecture")
     parser.add_argument("--out", default="runs/tiny-qwen2vl", help="directory to write the model and processor to")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--hidden_size", type=int, default=64)
     parser.add_argument("--num_layers", type=int, default=2)
     args = parser.parse_args(argv)
-    path = build_tiny_qwen2vl(args.out, seed=args.seed, hidden_size=args.hidden_size, num_layers=args.num_layers)
-    n = sum(p.numel() for p in Qwen2VLForConditionalGeneration.from_pretrained(path).parameters())
-    print(f"wrote a tiny Qwen2-VL ({n:,} parameters) to {path}")
+    path = build_tiny_qwen2vl(args.out, seed=args.seed, hidden_size=args.hidden_size, num_layers=args.num_layers,
+                              arch=args.arch)
+    n = sum(p.numel() for p in AutoModelForImageTextToText.from_pretrained(path).parameters())
+    print(f"wrote a tiny {args.arch} ({n:,} parameters) to {path}")
 
 
 if __name__ == "__main__":
