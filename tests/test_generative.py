@@ -141,30 +141,39 @@ def test_export_is_a_plain_hf_folder_and_reloads(tmp_path, processor, model):
         torch.testing.assert_close(loaded(**inputs(batch)), model(**inputs(batch)), atol=0, rtol=0)
 
 
-@pytest.fixture(scope="module")
-def tiny_qwen2_5_vl(tmp_path_factory):
+@pytest.fixture(scope="module", params=["qwen2_5_vl", "internvl"])
+def other_backbone(request, tmp_path_factory):
     from dreamprm.model.tiny import build_tiny_qwen2vl
-    return build_tiny_qwen2vl(tmp_path_factory.mktemp("tiny25") / "tiny-qwen2_5vl", arch="qwen2_5_vl")
+    return request.param, build_tiny_qwen2vl(tmp_path_factory.mktemp(request.param) / "tiny", arch=request.param)
 
 
 @pytest.mark.parametrize("head", ["logits", "hidden", "generative"])
-def test_every_head_on_qwen2_5_vl_packs_exactly(tiny_qwen2_5_vl, head):
-    """Qwen2.5-VL through its adapter: each head's packed chains score as one prefix at a time, and the
-    packed M-RoPE positions are the model's own."""
-    processor = load_processor(tiny_qwen2_5_vl)
-    model = build_prm(tiny_qwen2_5_vl, head, seed=0, attn_implementation="sdpa").eval()
-    assert type(model.backbone).__name__ == "Qwen2_5_VLForConditionalGeneration"
-    assert model.adapter.family == "qwen2_5_vl"
+def test_every_head_on_qwen2_5_vl_and_internvl_packs_exactly(other_backbone, head, tmp_path):
+    """Qwen2.5-VL (M-RoPE) and InternVL (1-D rotary) through their adapters: each head's packed chains
+    score as one prefix at a time; the export is a folder AutoModelForImageTextToText loads."""
+    arch, path = other_backbone
+    processor = load_processor(path)
+    model = build_prm(path, head, seed=0, attn_implementation="sdpa").eval()
+    assert model.backbone.config.model_type == arch == model.adapter.family
     layout = chain_layout(head)
     items = meta_items(3)
     flat = make_collator(processor, "none", layout, model.adapter)(items)
     packed = make_collator(processor, "chain", layout, model.adapter)(items)
+    assert packed["position_ids"].shape[1] == (3 if arch == "qwen2_5_vl" else 1)
     with torch.no_grad():
         a, b = model(**inputs(flat)), model(**inputs(packed))
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
-    reference, _ = model.backbone.model.get_rope_index(
-        flat["input_ids"], flat["mm_token_type_ids"], flat["image_grid_thw"], attention_mask=flat["attention_mask"])
-    s = int(flat["attention_mask"].sum(1).argmax())  # the longest conversation: a whole packed row
-    row = int(packed["score_row"][s])
-    real = flat["attention_mask"][s].bool()
-    assert torch.equal(packed["position_ids"][row][:, :int(real.sum())], reference[:, s][:, real])
+    if arch == "qwen2_5_vl":  # the packed M-RoPE positions are the model's own
+        reference, _ = model.backbone.model.get_rope_index(
+            flat["input_ids"], flat["mm_token_type_ids"], flat["image_grid_thw"], attention_mask=flat["attention_mask"])
+        s = int(flat["attention_mask"].sum(1).argmax())  # the longest text: a whole packed row
+        real = flat["attention_mask"][s].bool()
+        row = int(packed["score_row"][s])
+        assert torch.equal(packed["position_ids"][row][:, :int(real.sum())], reference[:, s][:, real])
+    if head == "generative":
+        out = export_prm(tmp_path / "export", model.state_dict(), model, processor, {"judge_tokens": "+,-"})
+        assert type(AutoModelForImageTextToText.from_pretrained(out)).__name__ == type(model.backbone).__name__
+        loaded, loaded_processor, _ = load_exported_prm(out)
+        assert type(loaded_processor) is type(processor)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(**inputs(packed)), b, atol=0, rtol=0)

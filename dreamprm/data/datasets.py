@@ -96,7 +96,10 @@ class PRMCollator:
                 texts.append(self.chat_text(text))
                 images.append(item["image"])
                 item_index.append(i)
-        batch = dict(self.processor(text=texts, images=images, padding=True, return_tensors="pt"))
+        # Right padding: a 1-D rotary model (InternVL) numbers positions from the row's first token,
+        # so left padding would shift them away from the unpadded sequence's.
+        batch = dict(self.processor(text=texts, images=images, padding=True, padding_side="right", return_tensors="pt"))
+        batch["image_rows"] = self.adapter.batch_image_rows(self.processor, batch)
         batch["score_index"] = score_positions(batch["attention_mask"])
         batch["item_index"] = torch.tensor(item_index, dtype=torch.long)
         batch["domain"] = torch.tensor([item["domain"] for item in items], dtype=torch.long)

@@ -18,12 +18,15 @@ from typing import Any, Sequence
 
 import torch
 
+from dreamprm.model.processor import ImageOnlyInternVLProcessor, ImageOnlyQwen2VLProcessor
+
 
 class QwenVLAdapter:
     """Qwen2-VL and Qwen2.5-VL: dynamic-resolution patches with ``image_grid_thw``, M-RoPE positions
     (temporal, height, width), ``mm_token_type_ids`` in the forward (transformers 5.x)."""
 
     rotary_axes = 3
+    processor_class = ImageOnlyQwen2VLProcessor
 
     def __init__(self, family: str):
         self.family = family
@@ -58,12 +61,63 @@ class QwenVLAdapter:
         """Batch keys that hold one entry per image (beside ``pixel_values``)."""
         return ("image_grid_thw",)
 
+    def batch_image_rows(self, processor: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``image_rows`` of a batch the processor made (one image per row)."""
+        return batch["image_grid_thw"].prod(dim=-1)
+
     def body_inputs(self, batch: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
         """The keyword arguments of the body's forward from a model batch."""
         out = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw",
                                      "mm_token_type_ids") if batch.get(k) is not None}
         if batch.get("position_ids") is not None:
             out["position_ids"] = batch["position_ids"].transpose(0, 1)  # (rows, 3, L) -> (3, rows, L)
+        return out
+
+
+class InternVLAdapter:
+    """InternVL (transformers' ``InternVLForConditionalGeneration``, the ``-hf`` layout): fixed-size
+    tiles, each ``image_seq_length`` context tokens between ``<img>`` and ``</img>``; a Qwen2 text
+    model with 1-D rotary positions; the body takes ``pixel_values`` without grids."""
+
+    rotary_axes = 1
+    processor_class = ImageOnlyInternVLProcessor
+    family = "internvl"
+
+    def vision_inputs(self, processor: Any, images: list[Any]) -> dict[str, torch.Tensor]:
+        out = dict(processor.image_processor(images=images, return_tensors="pt"))
+        out["num_patches"] = torch.as_tensor(out["num_patches"]).reshape(-1)
+        return out
+
+    def image_placeholder(self, processor: Any) -> str:
+        return processor.image_token
+
+    def expand_image(self, processor: Any, text: str, vision: dict[str, torch.Tensor], image: int) -> str:
+        """``<img>`` + the context token once per token of every tile + ``</img>``: the processor's own."""
+        return text.replace(processor.image_token, processor.replace_image_token(vision, image))
+
+    def token_types(self, processor: Any, sequences: list[list[int]]) -> list[list[int]]:
+        image_ids = set(processor.image_token_ids)
+        return [[int(t in image_ids) for t in s] for s in sequences]
+
+    def positions(self, processor: Any, token_types: Sequence[int], vision: dict[str, torch.Tensor],
+                  image: int) -> torch.Tensor:
+        """[1, L]: 1-D rotary positions, image tokens counted like text."""
+        return torch.arange(len(token_types)).unsqueeze(0)
+
+    def image_rows(self, vision: dict[str, torch.Tensor]) -> torch.Tensor:
+        return vision["num_patches"]
+
+    def image_keys(self) -> tuple[str, ...]:
+        return ()
+
+    def batch_image_rows(self, processor: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        # The processor drops num_patches: every tile is image_seq_length context tokens of its row.
+        return (batch["input_ids"] == processor.image_token_id).sum(dim=1) // processor.image_seq_length
+
+    def body_inputs(self, batch: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
+        out = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values") if batch.get(k) is not None}
+        if batch.get("position_ids") is not None:
+            out["position_ids"] = batch["position_ids"][:, 0]  # (rows, 1, L) -> (rows, L)
         return out
 
 
@@ -100,6 +154,7 @@ def mrope_positions(token_types: Sequence[int], grids: Sequence[Sequence[int]], 
 ADAPTERS: dict[str, Any] = {
     "qwen2_vl": QwenVLAdapter("qwen2_vl"),
     "qwen2_5_vl": QwenVLAdapter("qwen2_5_vl"),
+    "internvl": InternVLAdapter(),
 }
 
 

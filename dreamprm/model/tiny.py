@@ -1,6 +1,7 @@
 """A tiny, randomly initialised vision-language model with a locally trained tokenizer: the offline
-stand-in for `Qwen/Qwen2-VL-2B-Instruct` (``--arch qwen2_vl``, the default) or
-`Qwen/Qwen2.5-VL-3B-Instruct` (``--arch qwen2_5_vl``) that tests and the demo use.
+stand-in for `Qwen/Qwen2-VL-2B-Instruct` (``--arch qwen2_vl``, the default),
+`Qwen/Qwen2.5-VL-3B-Instruct` (``--arch qwen2_5_vl``) or `OpenGVLab/InternVL3-1B-hf` (``--arch internvl``)
+that tests and the demo use.
 
 It is the real `*ForConditionalGeneration` architecture (vision tower, merger, M-RoPE text decoder)
 at a few hundred thousand parameters, saved with `save_pretrained` so that the same loading code
@@ -9,6 +10,7 @@ generative head can judge with it.
 
     python -m dreamprm.model.tiny --out runs/tiny-qwen2vl
     python -m dreamprm.model.tiny --arch qwen2_5_vl --out runs/tiny-qwen2_5vl
+    python -m dreamprm.model.tiny --arch internvl --out runs/tiny-internvl
 """
 from __future__ import annotations
 
@@ -17,10 +19,12 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (AutoModelForImageTextToText, PreTrainedTokenizerFast, Qwen2_5_VLConfig,
-                          Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig, Qwen2VLForConditionalGeneration)
+from transformers import (AutoModelForImageTextToText, InternVLConfig, InternVLForConditionalGeneration,
+                          PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
+                          Qwen2VLForConditionalGeneration)
+from transformers.models.got_ocr2 import GotOcr2ImageProcessorPil
 
-from dreamprm.model.processor import ImageOnlyQwen2VLProcessor, _ImageProcessor
+from dreamprm.model.processor import ImageOnlyInternVLProcessor, ImageOnlyQwen2VLProcessor, _ImageProcessor
 
 SPECIAL_TOKENS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -66,7 +70,40 @@ def build_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-ARCHES = ("qwen2_vl", "qwen2_5_vl")
+ARCHES = ("qwen2_vl", "qwen2_5_vl", "internvl")
+# InternVL's image tokens, named as transformers' InternVLProcessor reads them from the tokenizer.
+INTERNVL_TOKENS = {"start_image_token": "<img>", "end_image_token": "</img>",
+                   "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"}
+# InternVL's chat template renders an image part as the context token; the processor expands it.
+INTERNVL_CHAT_TEMPLATE = CHAT_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<IMG_CONTEXT>\n")
+INTERNVL_TILE = 56  # pixels per tile side: (56 / 14)^2 patches, pixel-shuffled by 0.5 -> 4 tokens per tile
+
+
+def build_internvl_tokenizer() -> PreTrainedTokenizerFast:
+    """The tiny tokenizer with InternVL's image tokens and chat template."""
+    base = build_tokenizer()
+    base.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:] + list(INTERNVL_TOKENS.values())})
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=base.backend_tokenizer, eos_token="<|im_end|>",
+                                        pad_token="<|endoftext|>", extra_special_tokens=INTERNVL_TOKENS,
+                                        padding_side="right")
+    tokenizer.chat_template = INTERNVL_CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_internvl_config(tokenizer: PreTrainedTokenizerFast, *, hidden_size: int = 64, num_layers: int = 2) -> InternVLConfig:
+    """InternVL3's -hf architecture at toy scale: an InternViT tower, the pixel-shuffle MLP projector and
+    a Qwen2 text model with 1-D rotary positions."""
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    text = dict(model_type="qwen2", vocab_size=len(tokenizer), hidden_size=hidden_size,
+                intermediate_size=hidden_size * 2, num_hidden_layers=num_layers, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-6,
+                bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                  image_size=[INTERNVL_TILE, INTERNVL_TILE], patch_size=[14, 14])
+    tokens_per_tile = int((INTERNVL_TILE // 14) ** 2 * 0.5 ** 2)
+    return InternVLConfig(vision_config=vision, text_config=text, image_seq_length=tokens_per_tile,
+                          image_token_id=tokenizer.convert_tokens_to_ids(INTERNVL_TOKENS["context_image_token"]),
+                          downsample_ratio=0.5, tie_word_embeddings=False)
 
 
 def build_config(tokenizer: PreTrainedTokenizerFast, *, hidden_size: int = 64, num_layers: int = 2,
@@ -107,8 +144,10 @@ def build_config(tokenizer: PreTrainedTokenizerFast, *, hidden_size: int = 64, n
 
 def build_tiny_qwen2vl(out_dir: str | Path, *, seed: int = 0, hidden_size: int = 64, num_layers: int = 2,
                        arch: str = "qwen2_vl") -> Path:
-    """Build and save a tiny random Qwen2-VL (or Qwen2.5-VL) plus its processor; returns the directory."""
+    """Build and save a tiny random Qwen2-VL (Qwen2.5-VL, InternVL) plus its processor; returns the directory."""
     out_dir = Path(out_dir)
+    if arch == "internvl":
+        return _build_tiny_internvl(out_dir, seed=seed, hidden_size=hidden_size, num_layers=num_layers)
     tokenizer = build_tokenizer()
     config = build_config(tokenizer, hidden_size=hidden_size, num_layers=num_layers, arch=arch)
     torch.manual_seed(seed)
@@ -118,6 +157,24 @@ def build_tiny_qwen2vl(out_dir: str | Path, *, seed: int = 0, hidden_size: int =
     image_processor = _ImageProcessor(min_pixels=28 * 28, max_pixels=224 * 224)
     processor = ImageOnlyQwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
                                           chat_template=CHAT_TEMPLATE)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def _build_tiny_internvl(out_dir: Path, *, seed: int, hidden_size: int, num_layers: int) -> Path:
+    tokenizer = build_internvl_tokenizer()
+    config = build_internvl_config(tokenizer, hidden_size=hidden_size, num_layers=num_layers)
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration(config)
+    # One tile per image (no cropping into several): small and fast, as the Qwen tiny model's images.
+    image_processor = GotOcr2ImageProcessorPil(size={"height": INTERNVL_TILE, "width": INTERNVL_TILE},
+                                               crop_to_patches=False)
+    processor = ImageOnlyInternVLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                           image_seq_length=config.image_seq_length,
+                                           chat_template=INTERNVL_CHAT_TEMPLATE)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
