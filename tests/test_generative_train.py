@@ -1,8 +1,8 @@
 """The generative head through the real trainer (launch/train.py, DeepSpeed ZeRO-3, gloo, CPU): on 2
 ranks with the exact hypergradient, a resume from its middle checkpoint that ends bit-exact, 1 rank
 with the finite difference and the squared-error option, TensorBoard curves, and Best-of-N on the
-export. Three short runs (4 steps each), one Best-of-N scoring, and the hypergradient fidelity benchmark
-on 2 ranks against the float64 reference."""
+export; the same on a tiny InternVL; and the hypergradient fidelity benchmark on 2 ranks against the
+float64 reference. Four short runs (4 steps each), two Best-of-N scorings, one benchmark run."""
 from __future__ import annotations
 
 import subprocess
@@ -95,3 +95,19 @@ def test_generative_hypergradient_matches_the_fp64_reference_on_two_ranks(tiny_m
     for name, entry in result["grid"].items():
         assert entry["exact_cosine"] >= 0.999 and entry["fd_cosine"] >= 0.999, (name, entry)
         assert entry["exact_rel_error"] < 1e-4 and entry["fd_rel_error"] < 1e-3, (name, entry)
+
+
+def test_internvl_generative_prm_on_two_zero3_ranks_and_best_of_n(tmp_path):
+    """InternVL (1-D rotary packing, tiles of fixed size) through the same trainer and Best-of-N."""
+    from dreamprm.model.tiny import build_tiny_qwen2vl
+    model = build_tiny_qwen2vl(tmp_path / "tiny-internvl", arch="internvl")
+    out = tmp_path / "run"
+    run_train(small_run_args(model, out, *STEPS, "--hypergrad", "exact", "--save_every_iterations", "4"), nproc=2)
+    assert read_json(out / "export" / "config.json")["model_type"] == "internvl"
+    scalars = read_scalars(out / "tb")
+    assert len(scalars["train/loss"]) == 4 and all(v > 0 for _, v in scalars["hypergrad/norm"])
+    proc = subprocess.run([PYTHON, str(REPO / "launch" / "bestofn.py"), "--prm", str(out / "export"),
+                           "--candidates", str(DEMO / "candidates.json"), "--out", str(tmp_path / "bon")],
+                          cwd=REPO, env=base_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Best-of-N accuracy on 24 questions" in proc.stdout
