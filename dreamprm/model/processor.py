@@ -51,17 +51,29 @@ class ImageOnlyInternVLProcessor(InternVLProcessor):
     def from_pretrained(cls, path: str | Path, **kwargs) -> "ImageOnlyInternVLProcessor":
         tokenizer = AutoTokenizer.from_pretrained(str(path), **kwargs)
         image_processor = GotOcr2ImageProcessorPil.from_pretrained(str(path), **kwargs)
-        # Image tokens per tile: the model's own number (config.json), which the processor must repeat.
-        seq = json.loads((Path(path) / "config.json").read_text()).get("image_seq_length", 256)
+        # Image tokens per tile: the model's own number (config.json, else the saved processor's).
+        for name in ("config.json", "processor_config.json"):
+            if (Path(path) / name).is_file():
+                seq = json.loads((Path(path) / name).read_text()).get("image_seq_length", 256)
+                break
+        else:
+            seq = 256
         return cls(image_processor=image_processor, tokenizer=tokenizer, image_seq_length=seq,
                    chat_template=getattr(tokenizer, "chat_template", None))
 
 
 def load_processor(path: str | Path, *, trust_remote_code: bool = False) -> ImageOnlyQwen2VLProcessor | ImageOnlyInternVLProcessor:
     """Load the processor that belongs to a model directory (or hub-style name in the local cache):
-    the one its backbone's adapter names."""
+    the one its backbone's adapter names. A folder of processor files only (no config.json) is read
+    by the class its processor_config.json names, Qwen2-VL's by default."""
     from transformers import AutoConfig
 
     from dreamprm.model.adapters import adapter_for  # the adapters name these processor classes
-    config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code, local_files_only=True)
-    return adapter_for(config).processor_class.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if (Path(path) / "config.json").is_file() or not Path(path).exists():
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code, local_files_only=True)
+        cls = adapter_for(config).processor_class
+    else:
+        saved = Path(path) / "processor_config.json"
+        name = json.loads(saved.read_text()).get("processor_class") if saved.is_file() else None
+        cls = ImageOnlyInternVLProcessor if name == ImageOnlyInternVLProcessor.__name__ else ImageOnlyQwen2VLProcessor
+    return cls.from_pretrained(path, trust_remote_code=trust_remote_code)
