@@ -28,7 +28,7 @@ from dreamprm.data.stream import StreamPosition
 from dreamprm.distributed.engine import DistInfo
 from dreamprm.losses import lower_loss, weighted_training_loss
 from dreamprm.metrics import MetricsLogger, MetricWindow
-from dreamprm.model.loading import export_prm, resolve_model_dir
+from dreamprm.model.loading import check_backbone, export_prm, resolve_model_dir
 from dreamprm.model.prm import model_inputs
 from dreamprm.model.processor import load_processor
 from dreamprm.preemption import EXIT_PREEMPTED, StopRequest
@@ -74,6 +74,8 @@ class Trainer:
         self.stop = stop or StopRequest()
         self.ds_config = build.deepspeed_config(config, info)
         self.reward_model = resolve_model_dir(build.resolve_reward_model(config.model.reward_model, info.rank))
+        # A backbone without an adapter, or judgement tokens its tokenizer splits: refused before any output.
+        check_backbone(self.reward_model, config.model.head, config.model.judge_tokens, config.model.trust_remote_code)
         records = build.load_records(config, info)
         self.train_records = records.train
         self.domains = domain_index(self.train_records)

@@ -111,3 +111,13 @@ def test_internvl_generative_prm_on_two_zero3_ranks_and_best_of_n(tmp_path):
                           cwd=REPO, env=base_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Best-of-N accuracy on 24 questions" in proc.stdout
+
+
+def test_judgements_the_tokenizer_splits_are_refused_before_any_output(tiny_model, tmp_path):
+    out = tmp_path / "never"
+    proc = run_train(small_run_args(tiny_model, out, "--head", "generative", "--judge_tokens", "correct so far,-"),
+                     check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert (f"error: --judge_tokens 'correct so far,-': 'correct so far' is 11 tokens in the tokenizer of "
+            f"{tiny_model}") in proc.stderr
+    assert not out.exists()

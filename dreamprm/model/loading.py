@@ -75,15 +75,22 @@ def judge_ids_for(path: str | Path, head: str, judge_tokens: str = JUDGE_DEFAULT
         raise ConfigError(str(err)) from err
 
 
+def check_backbone(path: str | Path, head: str, judge_tokens: str = JUDGE_DEFAULT,
+                   trust_remote_code: bool = False) -> tuple[int, int] | None:
+    """Refuse, before any weight loads, a backbone without an adapter or (generative head) a tokenizer
+    that cannot judge; returns the judgement token ids (None for the scalar heads)."""
+    try:
+        adapter_for(AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code, local_files_only=True))
+    except UnsupportedBackbone as err:
+        raise ConfigError(f"--reward_model {path}: {err}") from err
+    return judge_ids_for(path, head, judge_tokens, trust_remote_code)
+
+
 def build_prm(path: str | Path, head: HeadType, *, seed: int, dtype: torch.dtype = torch.float32,
               trust_remote_code: bool = False, gradient_checkpointing: bool = False,
               attn_implementation: str | None = None, judge_tokens: str = JUDGE_DEFAULT) -> ProcessRewardModel:
     path = resolve_model_dir(path)
-    try:
-        adapter_for(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True))
-    except UnsupportedBackbone as err:  # refused before the weights load
-        raise ConfigError(f"--reward_model {path}: {err}") from err
-    judge_ids = judge_ids_for(path, head, judge_tokens, trust_remote_code)
+    judge_ids = check_backbone(path, head, judge_tokens, trust_remote_code)
     backbone = load_backbone(path, dtype=dtype, trust_remote_code=trust_remote_code,
                              attn_implementation=attn_implementation)
     if gradient_checkpointing:
