@@ -155,11 +155,13 @@ def fidelity_engine(reward_model: str, head: str, deepspeed_file: str, precision
     return info, DistributedEngine(model, ds, info), load_processor(model_dir), model_dir
 
 
-def add_model_and_data_args(p: argparse.ArgumentParser) -> None:
-    """The model, records and DeepSpeed config flags the fidelity scripts share."""
+def add_model_and_data_args(p: argparse.ArgumentParser, heads: tuple[str, ...] = ("logits", "hidden")) -> None:
+    """The model, records and DeepSpeed config flags the fidelity scripts share (``heads``: the heads a
+    script covers; this one covers the generative head and its lower loss too)."""
     p.add_argument("--reward_model", default="tiny")
-    p.add_argument("--head", default="logits", choices=("logits", "hidden", "generative"))
-    p.add_argument("--generative_loss", default="bce", choices=("bce", "mse"), help="--head generative: lower loss")
+    p.add_argument("--head", default="logits", choices=heads)
+    if "generative" in heads:
+        p.add_argument("--generative_loss", default="bce", choices=("bce", "mse"), help="--head generative: lower loss")
     p.add_argument("--train_json_file", default=str(DEMO_DIR / "train.json"))
     p.add_argument("--meta_json_file", default=str(DEMO_DIR / "meta.json"))
     p.add_argument("--deepspeed", default=str(REPO_ROOT / "ds_configs" / "zero3.json"))
@@ -167,7 +169,7 @@ def add_model_and_data_args(p: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_and_data_args(p)
+    add_model_and_data_args(p, heads=("logits", "hidden", "generative"))
     p.add_argument("--precision", default="fp32", choices=("bf16", "fp16", "fp32"))
     p.add_argument("--global_batch", type=int, default=8)
     p.add_argument("--meta_global", type=int, default=4)
