@@ -1,13 +1,13 @@
 """Building the trainer's parts from a config: each function makes one part and checks what it needs.
 
-Called in this order by `Trainer.__init__`; every check that can refuse a run (flags, records,
-output folder) comes before anything is written.
+Called in this order by `Trainer.__init__`. The checks that can refuse a run ran before torch was
+imported (`dreamprm.preflight`); what is checked here again (the DeepSpeed config against the real
+device, the model folder) comes before anything is written.
 """
 from __future__ import annotations
 
 import json
-import re
-from dataclasses import dataclass
+import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -18,17 +18,18 @@ from torch.utils.data import DataLoader
 from dreamprm.bilevel.domain_weights import DomainWeights
 from dreamprm.bilevel.instance_weights import InstanceWeights
 from dreamprm.bilevel.meta_optimizer import build_meta_optimizer
-from dreamprm.config import REPO_ROOT, TINY_MODEL, ConfigError, TrainConfig, load_ds_config, resolve_ds_config
+from dreamprm.config import (REPO_ROOT, TINY_MODEL, ConfigError, TrainConfig, load_ds_config, numerics_warnings,
+                             precision_problem, resolve_ds_config)
 from dreamprm.data.chat import chain_layout
 from dreamprm.data.datasets import MetaDataset, TrainDataset
 from dreamprm.data.packing import chain_units, group_chain_records, make_collator
-from dreamprm.data.records import (DataValidationError, ImageChecker, MetaRecord, TrainRecord, load_meta_records,
-                                   load_train_records)
+from dreamprm.data.records import MetaRecord, TrainRecord
 from dreamprm.data.sampler import DistributedBatchSampler
 from dreamprm.data.stream import BatchStream, StreamPosition
 from dreamprm.distributed import engine as dist_engine
 from dreamprm.distributed.engine import DistInfo, DistributedEngine
 from dreamprm.model.loading import build_prm
+from dreamprm.preflight import reason_counts
 
 TINY_MODEL_DIR = REPO_ROOT / "runs" / "tiny-qwen2vl"
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -39,11 +40,12 @@ def deepspeed_config(config: TrainConfig, info: DistInfo) -> dict[str, Any]:
     run, bilevel = config.run, config.bilevel
     ds_config = resolve_ds_config(load_ds_config(run.deepspeed), config, world_size=info.world_size,
                                   on_gpu=info.device.type == "cuda", source=run.deepspeed)
-    if bilevel.hypergrad == "fd" and not bilevel.baseline and config.optim.precision != "fp32":
-        raise ConfigError(
-            f"--hypergrad fd needs --precision fp32: with {config.optim.precision} parameters the perturbation "
-            "εv is mostly rounded away (measured: 23-88% error at 2B). Use --hypergrad exact (the default, "
-            "ε-free, accurate in bf16) or --hypergrad fd_bf16_naive to reproduce the original.")
+    problem = precision_problem(config)
+    if problem:
+        raise ConfigError(problem)
+    if info.rank == 0:  # before any model is loaded
+        for line in numerics_warnings(config):
+            print(f"warning: {line}", file=sys.stderr, flush=True)
     return ds_config
 
 
@@ -56,81 +58,6 @@ def resolve_reward_model(name: str, rank: int) -> str:
         build_tiny_qwen2vl(TINY_MODEL_DIR)
     dist_engine.barrier()
     return str(TINY_MODEL_DIR)
-
-
-@dataclass
-class Records:
-    train: list[TrainRecord]
-    meta: list[MetaRecord]
-    skipped: list[dict[str, Any]]  # --skip_invalid_records: {"file", "record", "reasons"} per record left out
-
-
-# "FILE:record N: field: what is wrong" (or "FILE:line N: ..." in JSON Lines): a problem of one record.
-RECORD_PROBLEM = re.compile(r"^(?P<file>.*?):(?P<unit>record|line) (?P<index>\d+): (?P<reason>.*)$")
-
-
-def load_records(config: TrainConfig, info: DistInfo) -> Records:
-    """Both record files validated completely, every problem reported at once; with
-    --skip_invalid_records, records with problems are left out (and listed) instead."""
-    problems: list[str] = []
-    images = ImageChecker()
-    data, b = config.data, config.bilevel
-    train = load_train_records(data.train_json_file, data.image_root, problems=problems, images=images)
-    meta = load_meta_records(data.meta_json_file, data.image_root, problems=problems, images=images)
-    skipped: list[dict[str, Any]] = []
-    if problems and data.skip_invalid_records:
-        problems, skipped = split_record_problems(problems)
-        left_out = {(s["file"], s["record"]) for s in skipped}
-        train = [r for r in train if source_of(r.source) not in left_out]
-        meta = [r for r in meta if source_of(r.source) not in left_out]
-    if problems:
-        raise DataValidationError(problems)
-    global_batch = config.optim.batch_size * info.world_size
-    if len(train) < global_batch:
-        raise DataValidationError([f"{data.train_json_file}: file: {len(train)} records cannot fill one global "
-                                   f"batch of {global_batch} (--batch_size x world size)"])
-    meta_global = b.meta_batch_size * info.world_size
-    if not b.baseline and b.meta_loss == "pairwise" and meta_global < 2:
-        raise ConfigError("--meta_loss pairwise compares right with wrong meta chains, and one upper step sees "
-                          f"{meta_global} chain (--meta_batch_size x world size): use --meta_batch_size 8 (the "
-                          "default) or more, or --meta_loss mse")
-    if not b.baseline and len(meta) < meta_global:
-        raise DataValidationError([f"{data.meta_json_file}: file: {len(meta)} records cannot fill one meta batch "
-                                   f"of {meta_global} (--meta_batch_size x world size)"])
-    return Records(train, meta, skipped)
-
-
-def source_of(source: str) -> tuple[str, int]:
-    """A record's "FILE:record N" as (FILE, N)."""
-    file, _, index = source.rpartition(":record ")
-    return file, int(index)
-
-
-def split_record_problems(problems: list[str]) -> tuple[list[str], list[dict[str, Any]]]:
-    """(problems of whole files, which stay fatal; the records to leave out, each with its reasons)."""
-    fatal, by_record = [], {}
-    for problem in problems:
-        match = RECORD_PROBLEM.match(problem)
-        if match is None:
-            fatal.append(problem)
-            continue
-        key = (match["file"], int(match["index"]), match["unit"])
-        by_record.setdefault(key, []).append(match["reason"])
-    skipped = [{"file": file, unit: index, "reasons": reasons} for (file, index, unit), reasons in by_record.items()]
-    return fatal, skipped
-
-
-def reason_counts(skipped: list[dict[str, Any]]) -> dict[str, int]:
-    """How many records each kind of problem left out ("field: what", without the record's values)."""
-    counts: dict[str, int] = {}
-    for record in skipped:
-        stems = set()
-        for reason in record["reasons"]:
-            field, _, message = reason.partition(": ")
-            stems.add(f"{field}: " + re.split(r" \(|, found |: | of ", message)[0])
-        for stem in stems:
-            counts[stem] = counts.get(stem, 0) + 1
-    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
 def write_skipped_records(output: Path, skipped: list[dict[str, Any]], info: DistInfo) -> Path | None:
@@ -148,14 +75,17 @@ def write_skipped_records(output: Path, skipped: list[dict[str, Any]], info: Dis
     return path
 
 
-def prepare_output(config: TrainConfig, info: DistInfo) -> Path:
-    """The output folder (the same on every rank), created and checked writable by rank 0."""
+def prepare_output(config: TrainConfig, info: DistInfo) -> tuple[Path, list[Path]]:
+    """The output folder (the same on every rank), created and checked writable by rank 0; returns it
+    and the folders created here (`remove_created` takes them away again if the run is refused)."""
     path = config.run.weights_path or str(Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
     path = Path(dist_engine.broadcast_object(path))
-    problem = None
+    problem, created = None, []
     if info.rank == 0:
+        checkpoints = path / "checkpoints"
+        created = [p for p in (checkpoints, *checkpoints.parents) if not p.exists()]
         try:
-            (path / "checkpoints").mkdir(parents=True, exist_ok=True)
+            checkpoints.mkdir(parents=True, exist_ok=True)
             probe = path / ".write-test"
             probe.write_text("ok")
             probe.unlink()
@@ -165,7 +95,16 @@ def prepare_output(config: TrainConfig, info: DistInfo) -> Path:
     if problem:
         raise ConfigError(problem)
     config.run.weights_path = str(path)
-    return path
+    return path, created
+
+
+def remove_created(created: list[Path]) -> None:
+    """A refused run leaves nothing behind: the folders `prepare_output` made, innermost first, if still empty."""
+    for folder in created:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (something else wrote there) or already gone: leave it
+            return
 
 
 def write_run_description(output: Path, config: TrainConfig, ds_config: dict[str, Any], domains: dict[str, int],
@@ -192,7 +131,7 @@ def engine(config: TrainConfig, ds_config: dict[str, Any], reward_model: str, in
     def step_lr(optimizer: torch.optim.Optimizer):
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=o.scheduler_step_size, gamma=o.scheduler_gamma)
 
-    return DistributedEngine(model, ds_config, info, lr_scheduler=step_lr)
+    return DistributedEngine(model, ds_config, info, upper_precision=config.bilevel.upper_precision, lr_scheduler=step_lr)
 
 
 def upper_level(config: TrainConfig, domains: dict[str, int], num_records: int

@@ -36,10 +36,10 @@ from typing import Any, Callable
 
 import torch
 
+from dreamprm.checkpoint_layout import MANIFEST, checkpoint_name, complete_checkpoints  # noqa: F401 (re-exported)
 from dreamprm.config import ConfigError
 from dreamprm.preemption import EXIT_CHECKPOINT_FAILED
 
-MANIFEST = "manifest.json"
 ENGINE_TAG = "engine"
 PARTIAL_PREFIX = ".tmp-"  # a save in progress, or left by one that died
 # fp32 master weights + AdamW's two moments, partitioned over the ranks (measured: 12.0 bytes per
@@ -60,19 +60,6 @@ class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written (too little space, quota, I/O error). Raised on every rank
     together, after the partial folder is removed; the message names the cause and the last good
     checkpoint."""
-
-
-def checkpoint_name(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def complete_checkpoints(root: str | Path) -> list[Path]:
-    """Complete checkpoints under `root` (a run's checkpoints folder), oldest first."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.glob("step_*") if (p / MANIFEST).is_file()]
-    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
 
 
 def partial_checkpoints(root: str | Path) -> list[Path]:

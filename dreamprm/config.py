@@ -29,6 +29,7 @@ HYPERGRAD_METHODS = ("exact", "fd", "fd_bf16_naive")
 # `dreamprm.bilevel.aggregation.AGGREGATIONS` maps these names to the functions.
 AGGREGATIONS = ("mean_logit", "mean", "min", "max", "product", "last")
 META_LOSSES = ("pairwise", "mse")
+UPPER_PRECISIONS = ("fp32", "engine")
 META_OPTIMIZERS = ("gated", "adamw", "sgd")
 WEIGHTINGS = ("domain", "instance", "both")
 
@@ -108,6 +109,12 @@ class BilevelConfig:
     hypergrad: str = _f("exact", "hypergradient estimator: 'exact' (per-domain inner products, ε-free), "
                         "'fd' (central difference on fp32 parameters), 'fd_bf16_naive' (the original's)",
                         choices=HYPERGRAD_METHODS)
+    upper_precision: str = _f("fp32", "arithmetic of the upper level's passes (meta-gradient, exact's per-domain "
+                              "backward passes): 'fp32' on the engine's bf16/fp16 parameters as they are (the "
+                              "directional derivatives are small differences: in bf16 arithmetic the pairwise "
+                              "objective's were off by up to 63%%, signs wrong; docs/hypergradient.md) or 'engine' "
+                              "(the engine's precision: faster, accurate for fp32 engines only)",
+                              choices=UPPER_PRECISIONS)
     fd_radius: float = _f(0.01, "finite difference: ε = fd_radius / ||v||")
     hypergrad_batches: str = _f("segment", "training micro-batches whose directional derivatives an upper step "
                                 "averages: 'segment' (every one of the segment; less noise, one pass each) or "
@@ -158,56 +165,100 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
 
-    def validate(self) -> "TrainConfig":
+    def problems(self) -> list[str]:
+        """Every flag value that cannot run, one line each (all of them, not the first)."""
+        found: list[str] = []
         positive = {"batch_size": self.optim.batch_size, "gradiant_accumulation": self.optim.gradiant_accumulation,
                     "unroll_steps": self.bilevel.unroll_steps, "meta_batch_size": self.bilevel.meta_batch_size,
                     "iteration_num": self.run.iteration_num, "max_epoch": self.run.max_epoch,
                     "save_every_iterations": self.run.save_every_iterations, "log_every": self.run.log_every,
                     "scheduler_step_size": self.optim.scheduler_step_size, "max_image_side": self.data.max_image_side,
-                    "weight_check_every": self.bilevel.weight_check_every, "max_bad_steps": self.run.max_bad_steps}
-        for name, value in positive.items():
-            if value < 1:
-                raise ConfigError(f"--{name}: must be >= 1, got {value}")
+                    "weight_check_every": self.bilevel.weight_check_every, "max_bad_steps": self.run.max_bad_steps,
+                    "dist_timeout": self.run.dist_timeout}
+        found += [f"--{name}: must be >= 1, got {value}" for name, value in positive.items() if value < 1]
         if not 0.0 <= self.bilevel.meta_beta < 1.0:
-            raise ConfigError(f"--meta_beta: must be in [0, 1), got {self.bilevel.meta_beta}")
+            found.append(f"--meta_beta: must be in [0, 1), got {self.bilevel.meta_beta}")
         for name, value in {"lr": self.optim.lr, "meta_lr": self.bilevel.meta_lr, "fd_radius": self.bilevel.fd_radius,
                             "instance_lr": self.bilevel.instance_lr}.items():
             if not (math.isfinite(value) and value > 0):
-                raise ConfigError(f"--{name}: must be a positive number, got {value}")
+                found.append(f"--{name}: must be a positive number, got {value}")
         for name, value in {"weight_decay": self.optim.weight_decay, "scheduler_gamma": self.optim.scheduler_gamma,
                             "meta_weight_decay": self.bilevel.meta_weight_decay}.items():
             if not (math.isfinite(value) and value >= 0):
-                raise ConfigError(f"--{name}: must be a number >= 0, got {value}")
+                found.append(f"--{name}: must be a number >= 0, got {value}")
         if self.bilevel.weighting != "domain" and not self.bilevel.baseline and self.bilevel.hypergrad == "exact":
-            raise ConfigError(f"--weighting {self.bilevel.weighting} needs every record's directional derivative: "
-                              "--hypergrad fd gives all of them from the same two forwards (with --precision fp32), "
-                              "--hypergrad exact would take one backward pass per record")
+            found.append(f"--weighting {self.bilevel.weighting} needs every record's directional derivative: "
+                         "--hypergrad fd --precision fp32 gives all of them from the same two forwards "
+                         "(--hypergrad exact would take one backward pass per record)")
         if self.data.num_workers < 0:
-            raise ConfigError(f"--num_workers: must be >= 0, got {self.data.num_workers}")
+            found.append(f"--num_workers: must be >= 0, got {self.data.num_workers}")
+        if self.run.keep_last < 0:
+            found.append(f"--keep_last: must be >= 0 (0 keeps all), got {self.run.keep_last}")
         if self.data.chain_batches and self.data.packing != "chain":
-            raise ConfigError("--chain_batches samples chains together for packed rows: it needs --packing chain, "
-                              f"got --packing {self.data.packing}")
+            found.append("--chain_batches samples chains together for packed rows: it needs --packing chain, "
+                         f"got --packing {self.data.packing}")
         judge = self.model.judge_tokens.split(",")
         if len(judge) != 2 or not all(judge) or judge[0] == judge[1]:
-            raise ConfigError(f"--judge_tokens: expected two different tokens separated by a comma, positive first "
-                              f"(e.g. '+,-'), got {self.model.judge_tokens!r}")
+            found.append(f"--judge_tokens: expected two different tokens separated by a comma, positive first "
+                         f"(e.g. '+,-'), got {self.model.judge_tokens!r}")
         if self.run.device not in ("auto", "cuda", "cpu") and not self.run.device.startswith("cuda:"):
-            raise ConfigError(f"--device: must be 'auto', 'cuda' or 'cpu', got {self.run.device!r}")
+            found.append(f"--device: must be 'auto', 'cuda', 'cuda:N' or 'cpu', got {self.run.device!r}")
+        return found
+
+    def validate(self) -> "TrainConfig":
+        found = self.problems()
+        if found:
+            raise ConfigError("\n".join(found))
         return self
 
 
-def build_parser() -> argparse.ArgumentParser:
+def numerics_warnings(config: TrainConfig) -> list[str]:
+    """Combinations that run but give a hypergradient known to be wrong (docs/hypergradient.md's bf16
+    table), one line each, for the start of a run; `--precision` must be resolved (resolve_ds_config)."""
+    b, precision = config.bilevel, config.optim.precision
+    if b.baseline or precision == "fp32":
+        return []
+    lines = []
+    if b.hypergrad == "fd_bf16_naive":
+        lines.append(f"--hypergrad fd_bf16_naive on {precision} parameters is the original's finite difference: "
+                     "its perturbation is mostly rounded away (measured 9-53% off, signs wrong in places); "
+                     "kept for comparison: use --hypergrad exact")
+    elif b.upper_precision == "engine" and b.meta_loss == "pairwise":
+        lines.append(f"--upper_precision engine with --precision {precision} and --meta_loss pairwise: the "
+                     "directional derivatives are off by up to 63% with wrong signs (docs/hypergradient.md); "
+                     "use --upper_precision fp32 (the default)")
+    return lines
+
+
+
+def precision_problem(config: TrainConfig) -> str | None:
+    """fd on 16-bit parameters (after the DeepSpeed JSON has settled --precision): advice that the
+    rest of the flags allow."""
+    b, precision = config.bilevel, config.optim.precision
+    if b.hypergrad != "fd" or b.baseline or precision == "fp32":
+        return None
+    why = (f"--hypergrad fd needs --precision fp32: with {precision} parameters the perturbation εv is mostly "
+           "rounded away (measured: 23-88% error at 2B). ")
+    if b.weighting != "domain":
+        # exact cannot give per-record derivatives, so it is no advice here.
+        return why + f"Add --precision fp32 (--weighting {b.weighting} needs --hypergrad fd)."
+    return why + ("Add --precision fp32, or use --hypergrad exact (the default, ε-free, accurate in bf16), or "
+                  "--hypergrad fd_bf16_naive to reproduce the original.")
+
+
+def build_parser(prog: str = "launch/train.py") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="launch/train.py", description="DreamPRM-DS: bi-level domain-reweighted PRM training on DeepSpeed.",
+        prog=prog, description="DreamPRM-DS: bi-level domain-reweighted PRM training on DeepSpeed.",
         formatter_class=DefaultsHelpFormatter)
     for section, cls in SECTIONS.items():
         add_flags(parser, cls, group=section)
     return parser
 
 
-def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    """Flags -> validated config. Unknown flags are an error (argparse exits 2 naming them)."""
-    parser = build_parser()
+def parse_args(argv: list[str] | None = None, prog: str = "launch/train.py", check: bool = True) -> TrainConfig:
+    """Flags -> config, validated unless `check` is False (the caller then reports `problems()` with
+    the other start-up problems). Unknown flags are an error (argparse exits 2 naming them)."""
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     # Which flags were typed: parse again with every default suppressed.
     typed = argparse.ArgumentParser(add_help=False)
@@ -223,6 +274,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     if accelerate_ds and "deepspeed" not in explicit:
         values["deepspeed"] = str(Path(accelerate_ds).resolve())
     config = TrainConfig(**{name: values_of(cls, values) for name, cls in SECTIONS.items()}, explicit_flags=explicit)
+    if not check:
+        return config
     try:
         return config.validate()
     except ConfigError as err:

@@ -41,7 +41,9 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         help = action.help or ""
-        if "%(default)" in help or action.required or action.default in (None, argparse.SUPPRESS):
+        # A help text that names its default itself ("(default: each JSON file's folder)") keeps its own.
+        if ("%(default)" in help or "(default" in help or action.required
+                or action.default in (None, argparse.SUPPRESS)):
             return help
         return help + " (default: %(default)s)"
 

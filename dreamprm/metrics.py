@@ -84,10 +84,21 @@ class MetricsLogger:
 
     def progress(self, steps: int, **postfix: Any) -> None:
         if self.bar is not None:
-            self.bar.update(steps)
+            if self.bar.n + steps >= self.bar.total:
+                self.bar.n += steps  # not drawn here: end_progress's close() draws the last line, once
+            else:
+                self.bar.update(steps)
             if postfix:
                 self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()},
                                      refresh=False)
+
+    def end_progress(self, step: int) -> None:
+        """Bring the bar to `step` (steps since the last log line were not counted yet) and close it, so
+        that its last line shows the final step once and the messages after it stand alone."""
+        if self.bar is not None:
+            self.bar.n = step  # no update(): it would draw the bar once more before close() draws it
+            self.bar.close()
+            self.bar = None
 
     def info(self, message: str) -> None:
         if self.enabled:

@@ -23,7 +23,7 @@ from dreamprm import build
 from dreamprm.bilevel.upper import UpperResult, upper_step
 from dreamprm.checkpoint import Checkpointer, CheckpointWriteError, complete_checkpoints, format_bytes
 from dreamprm.config import ConfigError, TrainConfig
-from dreamprm.data.records import domain_index
+from dreamprm.data.records import DataValidationError, domain_index
 from dreamprm.data.stream import StreamPosition
 from dreamprm.distributed.engine import DistInfo
 from dreamprm.losses import lower_loss, weighted_training_loss
@@ -32,7 +32,12 @@ from dreamprm.model.loading import check_backbone, export_prm, resolve_model_dir
 from dreamprm.model.prm import model_inputs
 from dreamprm.model.processor import load_processor
 from dreamprm.preemption import EXIT_PREEMPTED, StopRequest
+from dreamprm.preflight import Records, load_records
 from dreamprm.summary import write_domain_weight_summary, write_instance_weight_report
+
+
+# Upper steps without signal that make the trainer warn, once they are also half of the upper steps.
+MIN_SILENT_STEPS = 4
 
 
 class TrainingAborted(RuntimeError):
@@ -69,17 +74,28 @@ class TrainState:
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, info: DistInfo, stop: StopRequest | None = None):
+    def __init__(self, config: TrainConfig, info: DistInfo, stop: StopRequest | None = None,
+                 records: Records | None = None):
+        """`records`: those `dreamprm.preflight.check_training` loaded and checked (else loaded here)."""
         self.config, self.info = config, info
         self.stop = stop or StopRequest()
         self.ds_config = build.deepspeed_config(config, info)
         self.reward_model = resolve_model_dir(build.resolve_reward_model(config.model.reward_model, info.rank))
         # A backbone without an adapter, or judgement tokens its tokenizer splits: refused before any output.
         check_backbone(self.reward_model, config.model.head, config.model.judge_tokens, config.model.trust_remote_code)
-        records = build.load_records(config, info)
+        records = records or load_records(config, info.world_size)
         self.train_records = records.train
         self.domains = domain_index(self.train_records)
-        self.output = build.prepare_output(config, info)
+        self.output, created = build.prepare_output(config, info)
+        try:
+            self._build(records)
+        except (ConfigError, DataValidationError):
+            if info.rank == 0:  # e.g. a refused resume: no empty checkpoints/ left behind
+                build.remove_created(created)
+            raise
+
+    def _build(self, records: Records) -> None:
+        config, info = self.config, self.info
         build.write_skipped_records(self.output, records.skipped, info)
         self.processor = load_processor(self.reward_model, trust_remote_code=config.model.trust_remote_code)
         self.engine = build.engine(config, self.ds_config, self.reward_model, info)
@@ -99,6 +115,9 @@ class Trainer:
         self.record_domains = None if self.instance_weights is None else torch.tensor(
             [self.domains[r.domain] for r in self.train_records], dtype=torch.int32)  # for the histograms
         self._logged_step = self.state.step
+        self._never_seen: torch.Tensor | None = None  # domains whose d_k was 0 in every upper step so far
+        self._no_signal = 0  # upper steps whose directional derivatives were all exactly 0
+        self._warned_no_signal = False
 
     # ------------------------------------------------------------------ resume
     def _maybe_resume(self) -> None:
@@ -200,6 +219,7 @@ class Trainer:
             finished, stop = self.train_segment()
             if stop is not None:
                 self.save_checkpoint()
+                self.logger.end_progress(self.state.step)
                 self.logger.info(f"{self.stop.name or 'signal'}: checkpoint written at step {self.state.step}; exiting "
                                  f"with code {EXIT_PREEMPTED} so that the job is requeued")
                 self.logger.close()
@@ -297,7 +317,27 @@ class Trainer:
             self._count_bad("upper")
         if self.state.upper_steps % b.weight_check_every == 0:
             self.check_replicated_weights()
+        self.watch_signal(result)
         self.log_upper(result, seconds)
+
+    def watch_signal(self, result: UpperResult) -> None:
+        """Count the upper steps that had nothing to learn from, warn once, loudly, when they are half
+        or more of the upper steps so far, and remember the domains that never had a directional
+        derivative (`finish` names them). The configurations that can be known at start-up are refused
+        by `dreamprm.preflight`; these depend on the batches drawn. (A few such steps are normal: the
+        demo's balanced meta set gives a meta batch without a (right, wrong) pair now and then.)"""
+        zero = (result.directional == 0).cpu()
+        self._never_seen = zero if self._never_seen is None else self._never_seen & zero
+        if not (result.applied and bool(zero.all())):
+            return
+        self._no_signal += 1
+        upper = self.state.upper_steps
+        if self._no_signal >= MIN_SILENT_STEPS and 2 * self._no_signal >= upper and not self._warned_no_signal:
+            self._warned_no_signal = True
+            self.logger.info(f"WARNING: {self._no_signal} of {upper} upper steps so far had no signal (every domain's "
+                             "directional derivative exactly 0), so the weights barely move. Under --meta_loss pairwise "
+                             "this happens when a meta batch holds no (right, wrong) pair: raise --meta_batch_size or "
+                             "balance the meta set. (Warned once.)")
 
     def _count_bad(self, level: str) -> None:
         """Count a skipped update; too many in a row stop the run with a checkpoint of the last good state."""
@@ -398,6 +438,18 @@ class Trainer:
     def finish(self) -> None:
         """Domain-weight summary, the instance-weight report and the exported PRM."""
         weights = self.domain_weights.as_dict()
+        never = self._never_seen
+        if (never is not None and bool(never.any()) and not bool(never.all())
+                and self.config.bilevel.weighting != "instance"):
+            absent = [name for name, i in self.domains.items() if never[i]]
+            self.logger.end_progress(self.state.step)
+            self.logger.info(f"WARNING: domain(s) {absent} were in no training batch that an upper step differentiated "
+                             f"({self.state.upper_steps} upper steps): their weights moved only through the mean-1 "
+                             "normalisation, not from their own data. Train longer, or use a larger --batch_size "
+                             "(and --hypergrad_batches segment, the default).")
+        if self._no_signal and not self._warned_no_signal:
+            self.logger.info(f"note: {self._no_signal} of {self.state.upper_steps} upper steps had no signal (a meta "
+                             "batch without a (right, wrong) pair under --meta_loss pairwise)")
         if self.engine.is_main:
             write_domain_weight_summary(self.output, weights, self.domain_weights.logits.detach().tolist())
             if self.instance_weights is not None:
@@ -413,6 +465,7 @@ class Trainer:
                         "max_image_side": self.config.data.max_image_side,
                         "judge_tokens": self.config.model.judge_tokens}
                 export_prm(self.output / "export", state_dict, self.engine.module, self.processor, meta)
+        self.logger.end_progress(self.state.step)
         self.logger.info(f"done at step {self.state.step}; domain weights: "
                          + ", ".join(f"{k}={v:.3f}" for k, v in weights.items()))
         self.logger.close()

@@ -18,13 +18,13 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dreamprm.bestofn.config import parse_args  # noqa: E402
-from dreamprm.bestofn.run import run  # noqa: E402
 from dreamprm.config import EXIT_USER_ERROR  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
     config = parse_args(argv, prog="launch/bestofn.py")
-    # After parsing: --help and a bad flag answer without importing DeepSpeed.
+    # After parsing: --help and a bad flag answer without importing torch or DeepSpeed.
+    from dreamprm.bestofn.run import run
     from dreamprm.distributed.collectives import gather_object
     from dreamprm.distributed.engine import broadcast_object, init_distributed, shutdown
 

@@ -1,6 +1,7 @@
 """Train a DreamPRM process reward model with bi-level domain reweighting on DeepSpeed.
 
-    # the bundled demo, tiny offline model, whatever hardware is here (CPU included)
+    # the bundled demo, tiny offline model, whatever hardware is here (CPU included), with the
+    # default (2B) recipe; the demo's own recipe is `bash .ci/demo.sh`
     deepspeed launch/train.py --deepspeed ds_configs/zero3.json
     # 2 processes on one machine
     deepspeed --num_gpus 2 launch/train.py --deepspeed ds_configs/zero3.json

@@ -12,7 +12,7 @@ jobs as any user, munged runs as the ``munge`` user), see ``slurm_available()``.
         job = cluster.sbatch("#!/bin/bash\\nsrun hostname\\n", args=["--nodes=2"])
         assert job.returncode == 0
 
-Traps met on this machine (see /work/shared/PLATFORM.md): node names do not resolve (take
+Traps met on this machine: node names do not resolve (take
 ``NodeAddr`` from ``scontrol show node``); ``srun --mpi=pmix`` fails with two slurmds on one host, so
 use torch's TCP rendezvous; the output directory of ``--output`` must exist before the job starts.
 """

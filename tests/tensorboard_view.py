@@ -7,7 +7,7 @@ Playwright (``executable_path``; nothing is ever downloaded with ``playwright in
 waits until every scalar tag that matches the filter has a chart card whose SVG series
 paths carry real data, and writes a full-page PNG.
 
-Notes on this machine (see /work/shared/PLATFORM.md):
+Notes on this machine:
 
 * ``forceSVG=true`` makes the line charts SVG; with WebGL the first card renders blank
   in headless Chromium and there would be nothing in the DOM to check.

@@ -77,14 +77,14 @@ def bad_train(record: dict, expect: Callable[[Path], str]) -> Callable[[Path], S
     """Record 1 of the training file is `record`; the message must name `FILE:record 1: field: ...`."""
     def build(tmp: Path) -> Setup:
         t, _, flags = data_files(tmp, train=[good_train(), record])
-        return Setup(flags, ["1 problem(s) in the input data", f"{t}:record 1: " + expect(tmp)])
+        return Setup(flags, [f"error: {t}:record 1: " + expect(tmp)])
     return build
 
 
 def bad_meta(record: dict, expect: Callable[[Path], str]) -> Callable[[Path], Setup]:
     def build(tmp: Path) -> Setup:
         _, m, flags = data_files(tmp, meta=[good_meta(), record])
-        return Setup(flags, ["1 problem(s) in the input data", f"{m}:record 1: " + expect(tmp)])
+        return Setup(flags, [f"error: {m}:record 1: " + expect(tmp)])
     return build
 
 
@@ -120,7 +120,7 @@ def weights_path_under_a_file(tmp: Path) -> Setup:
     blocker = tmp / "a_file"
     blocker.write_text("not a folder")
     out = blocker / "run"
-    return Setup(data + ["--weights_path", str(out)], [f"--weights_path {out}: not writable (NotADirectoryError"],
+    return Setup(data + ["--weights_path", str(out)], [f"--weights_path {out}: not writable ({blocker} is a file"],
                  out=out)
 
 
@@ -133,7 +133,7 @@ def reward_model_missing(tmp: Path) -> Setup:
 def problems_in_both_files(tmp: Path) -> Setup:
     t, m, flags = data_files(tmp, train=[good_train(), good_train(id="q1", accuracy=1.3)],
                              meta=[good_meta(), good_meta(id="m1", input="no steps here")])
-    return Setup(flags, ["2 problem(s) in the input data", f"{t}:record 1: accuracy: must be a number in [0, 1]",
+    return Setup(flags, ["2 problems, nothing was started or written", f"{t}:record 1: accuracy: must be a number in [0, 1]",
                          f"{m}:record 1: input: no step markers"])
 
 

@@ -173,7 +173,7 @@ def test_every_train_and_bestofn_flag_has_its_fields_type():
     (["--meta_weight_decay", "inf"], "--meta_weight_decay: must be a number >= 0, got inf"),
     (["--scheduler_gamma", "-1"], "--scheduler_gamma: must be a number >= 0, got -1.0"),
     (["--num_workers", "-1"], "--num_workers: must be >= 0, got -1"),
-    (["--device", "tpu"], "--device: must be 'auto', 'cuda' or 'cpu', got 'tpu'"),
+    (["--device", "tpu"], "--device: must be 'auto', 'cuda', 'cuda:N' or 'cpu', got 'tpu'"),
     (["--bogus_flag", "1"], "unrecognized arguments: --bogus_flag 1"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
 def test_bad_flags_exit_2_naming_the_flag(capsys, argv, fragment):

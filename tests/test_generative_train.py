@@ -70,7 +70,7 @@ def test_resume_from_the_middle_is_bit_exact(runs, tiny_model):
 def test_best_of_n_scores_with_the_generative_export(runs, tmp_path):
     out = tmp_path / "bon"
     proc = subprocess.run([PYTHON, str(REPO / "launch" / "bestofn.py"), "--prm", str(runs / "two" / "export"),
-                           "--candidates", str(DEMO / "candidates.json"), "--out", str(out)],
+                           "--candidates", str(DEMO / "candidates.json"), "--output", str(out)],
                           cwd=REPO, env=base_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Best-of-N accuracy on 24 questions" in proc.stdout
@@ -107,7 +107,7 @@ def test_internvl_generative_prm_on_two_zero3_ranks_and_best_of_n(tmp_path):
     scalars = read_scalars(out / "tb")
     assert len(scalars["train/loss"]) == 4 and all(v > 0 for _, v in scalars["hypergrad/norm"])
     proc = subprocess.run([PYTHON, str(REPO / "launch" / "bestofn.py"), "--prm", str(out / "export"),
-                           "--candidates", str(DEMO / "candidates.json"), "--out", str(tmp_path / "bon")],
+                           "--candidates", str(DEMO / "candidates.json"), "--output", str(tmp_path / "bon")],
                           cwd=REPO, env=base_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Best-of-N accuracy on 24 questions" in proc.stdout

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from conftest import DEMO, run_trains, small_run_args
-from dreamprm.build import reason_counts, split_record_problems
+from dreamprm.preflight import reason_counts, split_record_problems
 
 
 def test_record_problems_are_grouped_per_record_and_file_problems_stay_fatal():
@@ -49,7 +49,7 @@ def test_invalid_records_are_refused_by_default_and_skipped_and_listed_on_reques
                                 {"args": args(tmp_path / "run") + ["--skip_invalid_records"]}])
     assert refused.returncode == 2
     assert f"{meta_file}:record {valid}: input: no step markers" in refused.stderr
-    assert "5 problem(s) in the input data" in refused.stderr
+    assert "5 problems, nothing was started or written" in refused.stderr
 
     assert "--skip_invalid_records: 5 record(s) left out" in proc.stdout
     assert "     5  input: no step markers" in proc.stdout

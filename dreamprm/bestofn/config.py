@@ -24,10 +24,11 @@ class BestOfNConfig:
     image_root: str | None = flag(None, "folder image paths are relative to (default: the candidates file's "
                                   "folder)", group="input")
     # output
-    output: str | None = flag(None, "selection JSON to write (default: runs/select/<candidates name>.json)",
-                              group="output")
+    output: str | None = flag(None, "selection JSON to write (default: beside --report as <report name>.selection."
+                              "json, else in the PRM's run folder as bestofn/<candidates name>.json, so that two "
+                              "PRMs scored on the same candidates never overwrite each other)", group="output")
     report: str | None = flag(None, "evaluation report JSON, written when labels or ground truth exist "
-                              "(default: the --output path with .report.json)", group="output")
+                              "(default: beside the selection, <selection name>.report.json)", group="output")
     # scoring
     aggregation: str | None = flag(None, "step scores -> chain score (default: the PRM's prm_config.json "
                                    f"'aggregation', else {DEFAULT_AGGREGATION})", group="scoring",
@@ -55,11 +56,24 @@ class BestOfNConfig:
 
     @property
     def output_path(self) -> Path:
-        return Path(self.output) if self.output else Path("runs") / "select" / f"{Path(self.candidates).stem}.json"
+        if self.output:
+            return Path(self.output)
+        if self.report:
+            report = Path(self.report)
+            return report.with_name(report.stem + ".selection.json")
+        return run_folder(Path(self.prm)) / "bestofn" / f"{Path(self.candidates).stem}.json"
 
     @property
     def report_path(self) -> Path:
         return Path(self.report) if self.report else self.output_path.with_suffix(".report.json")
+
+
+def run_folder(prm: Path) -> Path:
+    """Where a PRM's results belong: the training run's folder for `runs/<run>/export` or `runs/<run>`,
+    else the PRM folder itself."""
+    if prm.name == "export":
+        return prm.parent
+    return prm
 
 
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
