@@ -81,9 +81,15 @@ def sigmoid(z: torch.Tensor) -> torch.Tensor:
     return 1.0 / (1.0 + torch.exp(-z))
 
 
-def per_sample_loss(step_logits: torch.Tensor, accuracy: torch.Tensor) -> torch.Tensor:
-    """(sigmoid(z) - Monte Carlo accuracy)^2 for every scored step prefix."""
-    return (sigmoid(step_logits) - accuracy) ** 2
+def per_sample_loss(step_logits: torch.Tensor, accuracy: torch.Tensor, loss: str = "mse") -> torch.Tensor:
+    """For every scored step prefix: 'mse' (sigmoid(z) - Monte Carlo accuracy)^2; 'bce' (the generative
+    head's default) -[y log p + (1 - y) log(1 - p)], p = sigmoid(z) = P(+) over {+, -}, y the accuracy."""
+    if loss == "mse":
+        return (sigmoid(step_logits) - accuracy) ** 2
+    if loss == "bce":
+        p = sigmoid(step_logits)
+        return -(accuracy * torch.log(p) + (1.0 - accuracy) * torch.log(1.0 - p))
+    raise ValueError(f"unknown lower loss {loss!r}")
 
 
 def chain_logits(step_logits: torch.Tensor, chain_index: torch.Tensor, aggregation: str) -> torch.Tensor:
@@ -130,8 +136,9 @@ class Float64Reference:
     loss is the sum over all of them divided by their total count, the meta objective is taken over
     the chains of all of them together, as the trainer does across ranks."""
 
-    def __init__(self, model_dir: str, head: str, seed: int) -> None:
+    def __init__(self, model_dir: str, head: str, seed: int, loss: str = "mse") -> None:
         from dreamprm.model.loading import build_prm
+        self.loss = loss  # the lower-level loss: 'mse', or the generative head's 'bce' 
         # SDPA takes the packed rows' per-token masks; in float64 on CPU it computes in float64.
         self.model = build_prm(model_dir, head, seed=seed, dtype=torch.float64, attn_implementation="sdpa").eval()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -162,7 +169,8 @@ class Float64Reference:
         n = sum(b["target"].numel() for b in train_batches)
 
         def losses() -> list[torch.Tensor]:
-            per_batch = [(per_sample_loss(self.logits(b), b["target"].double()), b["domain"]) for b in train_batches]
+            per_batch = [(per_sample_loss(self.logits(b), b["target"].double(), self.loss), b["domain"])
+                         for b in train_batches]
             return [sum(loss[domain == k].sum() for loss, domain in per_batch) / n for k in range(num_domains)]
         return self._gradients(losses)
 

@@ -32,16 +32,19 @@ from dreamprm.bilevel.domain_weights import DomainWeights  # noqa: E402
 from dreamprm.bilevel.upper import domain_sums_at, exact_domain_dots, meta_gradient  # noqa: E402
 from dreamprm.config import (DEMO_DIR, REPO_ROOT, UPPER_PRECISIONS, BilevelConfig, TrainConfig,  # noqa: E402
                              load_ds_config, resolve_ds_config)
+from dreamprm.data.chat import chain_layout  # noqa: E402
 from dreamprm.data.datasets import MetaDataset, PRMCollator, TrainDataset  # noqa: E402
 from dreamprm.data.packing import make_collator  # noqa: E402
+from dreamprm.losses import lower_loss  # noqa: E402
 from dreamprm.data.records import domain_index, load_meta_records, load_train_records  # noqa: E402
 
 
 def fixed_batches(train_file: str, meta_file: str, processor, global_batch: int, meta_global: int,
-                  rank: int = 0, world: int = 1, packing: str = "none"):
+                  rank: int = 0, world: int = 1, packing: str = "none", head: str = "logits"):
     """The first records of each domain in turn (so every domain is present), split across ranks;
     `packing` 'chain' packs each meta chain into one row (the trainer's default), 'none' one row per
-    prefix. The full (all-rank) batches, for the reference, are per-prefix."""
+    prefix. The full (all-rank) batches, for the reference, are per-prefix. In the chat layout of
+    ``head`` (generative: one step per turn)."""
     train = load_train_records(train_file)
     domains = domain_index(train)
     by_domain = {d: [r for r in train if r.domain == d] for d in domains}
@@ -51,7 +54,8 @@ def fixed_batches(train_file: str, meta_file: str, processor, global_batch: int,
         picked.append(by_domain[d][i // len(domains)])
         i += 1
     meta = load_meta_records(meta_file)[:meta_global]
-    collate, local_collate = PRMCollator(processor), make_collator(processor, packing)
+    layout = chain_layout(head)
+    collate, local_collate = PRMCollator(processor, layout), make_collator(processor, packing, layout)
     per, mper = global_batch // world, meta_global // world
     train_set, meta_set = TrainDataset(picked, domains), MetaDataset(meta)
     local_train = collate([train_set[j] for j in range(rank * per, (rank + 1) * per)])
@@ -62,13 +66,18 @@ def fixed_batches(train_file: str, meta_file: str, processor, global_batch: int,
 
 
 def reference_values(model_dir: str, head: str, seed: int, full_train, full_meta, num_domains: int,
-                     combos: list[tuple[str, str]]) -> dict[tuple[str, str], torch.Tensor]:
+                     combos: list[tuple[str, str]], loss: str = "mse") -> dict[tuple[str, str], torch.Tensor]:
     """d_k in float64 without DeepSpeed (benchmarks/fp64_reference.py) for each (objective, aggregation):
-    the K domain gradients once, one meta-gradient per combination."""
-    ref = Float64Reference(model_dir, head, seed)
+    the K domain gradients once, one meta-gradient per combination. ``loss``: the lower loss's name."""
+    ref = Float64Reference(model_dir, head, seed, loss)
     domain_grads = ref.domain_gradients([full_train], num_domains)
     return {(objective, aggregation): ref.directional(domain_grads, ref.meta_gradient([full_meta], aggregation, objective))
             for objective, aggregation in combos}
+
+
+def loss_name(args: argparse.Namespace) -> str:
+    """The lower loss of the run: the generative head's --generative_loss, else the squared error."""
+    return args.generative_loss if args.head == "generative" else "mse"
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -89,12 +98,12 @@ def objective_grid(engine, info, args, model_dir, train, meta, full_train, full_
         for aggregation in AGGREGATIONS:
             v, _ = meta_gradient(engine, meta, aggregation, objective)
             v_norm = math.sqrt(float(engine.global_dot(v, v)))
-            exact = exact_domain_dots(engine, train, v, k)
+            exact = exact_domain_dots(engine, train, v, k, lower_loss(args.head, args.generative_loss))
             direction = engine.full_gradients_for_edit(v)
 
             def sums_at(t):
                 engine.perturb(snapshot, direction, t)
-                return domain_sums_at(engine, train, k)
+                return domain_sums_at(engine, train, k, lower_loss(args.head, args.generative_loss))
             try:
                 fd = hg.central_difference(sums_at, hg.fd_epsilon(radius, v_norm), args.global_batch)
             finally:
@@ -102,7 +111,8 @@ def objective_grid(engine, info, args, model_dir, train, meta, full_train, full_
             grid[f"{objective}/{aggregation}"] = {"exact": exact.tolist(), "fd": fd.tolist()}
     if args.reference and info.rank == 0:
         combos = [tuple(name.split("/")) for name in grid]
-        refs = reference_values(model_dir, args.head, args.seed, full_train, full_meta, k, combos)
+        refs = reference_values(model_dir, args.head, args.seed, full_train, full_meta, k, combos,
+                                loss_name(args))
         logits = torch.zeros(k, dtype=torch.float64)
         for (objective, aggregation), ref in refs.items():
             entry = grid[f"{objective}/{aggregation}"]
@@ -159,10 +169,13 @@ def fidelity_engine(reward_model: str, head: str, deepspeed_file: str, precision
             model_dir)
 
 
-def add_model_and_data_args(p: argparse.ArgumentParser) -> None:
-    """The model, records and DeepSpeed config flags the fidelity scripts share."""
+def add_model_and_data_args(p: argparse.ArgumentParser, heads: tuple[str, ...] = ("logits", "hidden")) -> None:
+    """The model, records and DeepSpeed config flags the fidelity scripts share (``heads``: the heads a
+    script covers; this one covers the generative head and its lower loss too)."""
     p.add_argument("--reward_model", default="tiny")
-    p.add_argument("--head", default="logits", choices=("logits", "hidden"))
+    p.add_argument("--head", default="logits", choices=heads)
+    if "generative" in heads:
+        p.add_argument("--generative_loss", default="bce", choices=("bce", "mse"), help="--head generative: lower loss")
     p.add_argument("--train_json_file", default=str(DEMO_DIR / "train.json"))
     p.add_argument("--meta_json_file", default=str(DEMO_DIR / "meta.json"))
     p.add_argument("--deepspeed", default=str(REPO_ROOT / "ds_configs" / "zero3.json"))
@@ -172,7 +185,7 @@ def add_model_and_data_args(p: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_and_data_args(p)
+    add_model_and_data_args(p, heads=("logits", "hidden", "generative"))
     p.add_argument("--precision", default="fp32", choices=("bf16", "fp16", "fp32"))
     p.add_argument("--global_batch", type=int, default=8)
     p.add_argument("--meta_global", type=int, default=4)
@@ -196,7 +209,8 @@ def main(argv: list[str] | None = None) -> None:
     world = info.world_size
     domains, train, meta, full_train, full_meta = fixed_batches(
         args.train_json_file, args.meta_json_file, processor, args.global_batch, args.meta_global, info.rank, world,
-        args.packing)
+        args.packing, head=args.head)
+    loss = lower_loss(args.head, args.generative_loss)
     k = len(domains)
     train, meta = engine.to_device(train), engine.to_device(meta)
 
@@ -206,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     (v, meta_value), t_v = timed(lambda: meta_gradient(engine, meta, args.aggregation, args.meta_loss))
     v_norm = math.sqrt(float(engine.global_dot(v, v)))
     results: dict[str, dict] = {}
-    d_exact, t = timed(lambda: exact_domain_dots(engine, train, v, k))
+    d_exact, t = timed(lambda: exact_domain_dots(engine, train, v, k, loss))
     results["exact"] = {"directional": d_exact.tolist(), "seconds": t}
     snapshot = engine.master_params_snapshot()
     direction = engine.full_gradients_for_edit(v)
@@ -217,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
         def fd():
             def sums_at(t):
                 engine.perturb(snapshot, direction, t)
-                return domain_sums_at(engine, train, k)
+                return domain_sums_at(engine, train, k, loss)
             try:
                 return hg.central_difference(sums_at, eps, n_global)
             finally:
@@ -237,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.reference and info.rank == 0:
         t0 = time.perf_counter()
         ref = reference_values(model_dir, args.head, args.seed, full_train, full_meta, k,
-                               [(args.meta_loss, args.aggregation)])[(args.meta_loss, args.aggregation)]
+                               [(args.meta_loss, args.aggregation)], loss_name(args))[(args.meta_loss, args.aggregation)]
         ref_hyper = fp64_reference.hypergradient(ref, weights.logits)
         summary["reference"] = {"directional": ref.tolist(), "hypergradient": ref_hyper.tolist(),
                                 "seconds": time.perf_counter() - t0}

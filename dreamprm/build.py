@@ -20,6 +20,7 @@ from dreamprm.bilevel.instance_weights import InstanceWeights
 from dreamprm.bilevel.meta_optimizer import build_meta_optimizer
 from dreamprm.config import (REPO_ROOT, TINY_MODEL, ConfigError, TrainConfig, load_ds_config, numerics_warnings,
                              precision_problem, resolve_ds_config)
+from dreamprm.data.chat import chain_layout
 from dreamprm.data.datasets import MetaDataset, TrainDataset
 from dreamprm.data.packing import chain_units, group_chain_records, make_collator
 from dreamprm.data.records import MetaRecord, TrainRecord
@@ -125,7 +126,8 @@ def engine(config: TrainConfig, ds_config: dict[str, Any], reward_model: str, in
         # attention cannot); per-prefix rows keep the library's default.
         model = build_prm(reward_model, m.head, seed=config.run.seed, dtype=PRECISIONS[o.precision],
                           trust_remote_code=m.trust_remote_code, gradient_checkpointing=m.gradient_checkpointing,
-                          attn_implementation="sdpa" if config.data.packing == "chain" else None)
+                          attn_implementation="sdpa" if config.data.packing == "chain" else None,
+                          judge_tokens=m.judge_tokens)
 
     def step_lr(optimizer: torch.optim.Optimizer):
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=o.scheduler_step_size, gamma=o.scheduler_gamma)
@@ -147,17 +149,25 @@ def upper_level(config: TrainConfig, domains: dict[str, int], num_records: int
     return domain_weights, instance_weights, optimizer
 
 
+def collator(config: TrainConfig, processor: Any, adapter: Any = None) -> Any:
+    """The run's collator: its --packing, the head's chat layout (generative: one step per turn) and the
+    backbone's adapter (`dreamprm.model.adapters`, the PRM's ``.adapter``)."""
+    return make_collator(processor, config.data.packing, chain_layout(config.model.head, config.model.judge_tokens),
+                         adapter)
+
+
 def batch_streams(config: TrainConfig, info: DistInfo, processor: Any, train_records: list[TrainRecord],
                   meta_records: list[MetaRecord], domains: dict[str, int], train_position: StreamPosition,
-                  meta_position: StreamPosition) -> tuple[BatchStream, BatchStream | None]:
-    """The training stream (ends after --max_epoch) and the meta stream (None for a vanilla PRM)."""
+                  meta_position: StreamPosition, adapter: Any = None) -> tuple[BatchStream, BatchStream | None]:
+    """The training stream (ends after --max_epoch) and the meta stream (None for a vanilla PRM);
+    ``adapter``: the backbone's (`dreamprm.model.adapters`, the PRM's ``.adapter``)."""
     d, o, b, run = config.data, config.optim, config.bilevel, config.run
-    collator = make_collator(processor, d.packing)
+    collate = collator(config, processor, adapter)
     # Packing: the records of one chain that nest and share a batch are scored in one row;
     # --chain_batches also samples them together.
     groups = group_chain_records(train_records) if d.packing == "chain" else None
     train_set = TrainDataset(train_records, domains, d.max_image_side, groups=groups)
-    loader_args = dict(collate_fn=collator, num_workers=d.num_workers, persistent_workers=False)
+    loader_args = dict(collate_fn=collate, num_workers=d.num_workers, persistent_workers=False)
     sampler = DistributedBatchSampler(train_set.lengths(), o.batch_size, num_replicas=info.world_size,
                                       rank=info.rank, seed=run.seed,
                                       units=chain_units(groups) if groups and d.chain_batches else None)

@@ -67,8 +67,14 @@ class DataConfig:
 class ModelConfig:
     reward_model: str = _f(TINY_MODEL, "Qwen2-VL directory or hub-style name in the local cache; "
                            f"'{TINY_MODEL}' builds the offline tiny model")
-    head: str = _f("logits", "score head: 'logits' (the original's Linear(vocab,1)) or 'hidden' (Linear(hidden,1))",
-                   choices=("logits", "hidden"))
+    head: str = _f("logits", "score head: 'logits' (the original's Linear(vocab,1)), 'hidden' (Linear(hidden,1)) or "
+                   "'generative' (no new parameters: the language-model head judges each step '+' or '-', one step "
+                   "per chat turn; the score's logit is log P(+) - log P(-))", choices=("logits", "hidden", "generative"))
+    judge_tokens: str = _f("+,-", "--head generative: the positive and negative judgement, comma-separated; each must "
+                           "be a single token of the backbone's tokenizer")
+    generative_loss: str = _f("bce", "--head generative: lower-level loss of P(+) against the Monte Carlo accuracy: "
+                              "'bce' (binary cross-entropy, the accuracy as a soft target) or 'mse' (squared error, "
+                              "as the scalar heads)", choices=("bce", "mse"))
     trust_remote_code: bool = _f(False, "allow model code from the model directory (off unless asked for)")
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass to save memory")
 
@@ -250,6 +256,10 @@ class TrainConfig:
         if self.data.chain_batches and self.data.packing != "chain":
             found.append("--chain_batches samples chains together for packed rows: it needs --packing chain, "
                          f"got --packing {self.data.packing}")
+        judge = self.model.judge_tokens.split(",")
+        if len(judge) != 2 or not all(judge) or judge[0] == judge[1]:
+            found.append(f"--judge_tokens: expected two different tokens separated by a comma, positive first "
+                         f"(e.g. '+,-'), got {self.model.judge_tokens!r}")
         if self.run.device not in ("auto", "cuda", "cpu") and not self.run.device.startswith("cuda:"):
             found.append(f"--device: must be 'auto', 'cuda', 'cuda:N' or 'cpu', got {self.run.device!r}")
         try:

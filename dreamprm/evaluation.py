@@ -24,7 +24,6 @@ from dreamprm.bestofn.run import rank_slice
 from dreamprm.bestofn.scorer import score_chains
 from dreamprm.bestofn.selection import select
 from dreamprm.config import ConfigError
-from dreamprm.data.packing import make_collator
 from dreamprm.data.records import DataValidationError
 from dreamprm.model.prm import model_inputs
 
@@ -86,11 +85,11 @@ class Evaluator:
     """Scores the candidates with an engine (duck-typed: `forward`, `to_device`, `module`, `info`,
     `release_gathered_parameters`) and returns the metrics, the same on every rank."""
 
-    def __init__(self, questions: list[Question], processor: Any, *, packing: str, batch_size: int,
+    def __init__(self, questions: list[Question], collator: Any, *, batch_size: int,
                  max_image_side: int, aggregation: str, rank: int, world_size: int,
                  gather: Callable[[Any], list[Any]], seed: int = 0, subsamples: int = 8):
         self.questions = questions
-        self.collator = make_collator(processor, packing)
+        self.collator = collator  # the run's (build.collator: packing, the head's layout, the backbone's adapter)
         self.batch_size, self.max_image_side, self.aggregation = batch_size, max_image_side, aggregation
         self.gather, self.seed, self.subsamples = gather, seed, subsamples
         chains = [(q, c) for q in range(len(questions)) for c in range(len(questions[q].candidates))]

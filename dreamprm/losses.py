@@ -17,6 +17,28 @@ def per_sample_mse(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (torch.sigmoid(logits.float()) - target.float()) ** 2
 
 
+def per_sample_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy of sigmoid(logit) against the Monte Carlo accuracy as a soft target, per
+    sample, no reduction. For the generative head sigmoid(logit) is the two-way softmax P(+) over
+    {+, -}. Its minimum is the target's entropy, not 0; its gradient in the logit is sigmoid(z) - y,
+    which does not vanish where the squared error's does (P(+) near 0 or 1)."""
+    return F.binary_cross_entropy_with_logits(logits.float(), target.float(), reduction="none")
+
+
+LOWER_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "mse": per_sample_mse, "bce": per_sample_bce,
+}
+
+
+def lower_loss(head: str, generative_loss: str = "bce") -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The per-sample lower-level loss of a head: the scalar heads keep the original's squared error;
+    the generative head takes --generative_loss."""
+    name = generative_loss if head == "generative" else "mse"
+    if name not in LOWER_LOSSES:
+        raise ValueError(f"--generative_loss: unknown loss {name!r}; choose one of {sorted(LOWER_LOSSES)}")
+    return LOWER_LOSSES[name]
+
+
 def domain_loss_sums(per_sample: torch.Tensor, domain: torch.Tensor, num_domains: int) -> torch.Tensor:
     """S_k = sum of the per-sample losses of domain k in this batch, shape [K]."""
     return torch.zeros(num_domains, dtype=per_sample.dtype, device=per_sample.device).index_add(0, domain, per_sample)

@@ -29,9 +29,9 @@ from dreamprm.data.stream import StreamPosition
 from dreamprm.distributed.collectives import gather_object
 from dreamprm.distributed.engine import DistInfo
 from dreamprm.evaluation import Evaluator, describe, is_better, load_eval_questions, within_share
-from dreamprm.losses import per_sample_mse, weighted_training_loss
+from dreamprm.losses import lower_loss, weighted_training_loss
 from dreamprm.metrics import MetricsLogger, MetricWindow
-from dreamprm.model.loading import export_prm, resolve_model_dir
+from dreamprm.model.loading import check_backbone, export_prm, resolve_model_dir
 from dreamprm.model.prm import model_inputs
 from dreamprm.model.processor import load_processor
 from dreamprm.preemption import EXIT_PREEMPTED, StopRequest
@@ -85,6 +85,8 @@ class Trainer:
         self.stop = stop or StopRequest()
         self.ds_config = build.deepspeed_config(config, info)
         self.reward_model = resolve_model_dir(build.resolve_reward_model(config.model.reward_model, info.rank))
+        # A backbone without an adapter, or judgement tokens its tokenizer splits: refused before any output.
+        check_backbone(self.reward_model, config.model.head, config.model.judge_tokens, config.model.trust_remote_code)
         records = records or load_records(config, info.world_size)
         self.train_records = records.train
         self.domains = domain_index(self.train_records)
@@ -106,17 +108,18 @@ class Trainer:
         self.processor = load_processor(self.reward_model, trust_remote_code=config.model.trust_remote_code)
         self.engine = build.engine(config, self.ds_config, self.reward_model, info)
         self.evaluator = None if eval_questions is None else Evaluator(
-            eval_questions, self.processor, packing=config.data.packing, batch_size=w.eval_batch_size,
+            eval_questions, build.collator(config, self.processor, self.engine.module.adapter), batch_size=w.eval_batch_size,
             max_image_side=config.data.max_image_side, aggregation=config.bilevel.aggregation, rank=info.rank,
             world_size=info.world_size, gather=gather_object)
         self.last_eval: tuple[int, dict[str, float]] | None = None  # (step, metrics)
         self.eval_seconds = 0.0
+        self.lower_loss = lower_loss(config.model.head, config.model.generative_loss)
         self.domain_weights, self.instance_weights, self.meta_optimizer = build.upper_level(
             config, self.domains, len(self.train_records))
         self.state = TrainState()
         self.train_batches, self.meta_batches = build.batch_streams(
             config, info, self.processor, self.train_records, records.meta, self.domains, self.state.train,
-            self.state.meta)
+            self.state.meta, adapter=self.engine.module.adapter)
         self._saved: tuple[int, Path] | None = None  # (step, folder) of the last checkpoint written
         self.checkpointer = Checkpointer(self.output / "checkpoints", self.engine, keep_last=config.run.keep_last)
         self._maybe_resume()
@@ -216,7 +219,7 @@ class Trainer:
         # Model directories are recorded absolute; older checkpoints may hold a relative spelling.
         then = {**saved["identity"], "reward_model": os.path.abspath(saved["identity"]["reward_model"])}
         for key, now in self._identity().items():
-            if then[key] != now:
+            if then.get(key) != now:
                 differences.append(f"{key}: checkpoint {saved['identity'][key]!r} vs now {now!r}")
         if differences:
             raise ConfigError(f"--resume {folder}: the checkpoint belongs to a different run: " + "; ".join(differences))
@@ -232,7 +235,9 @@ class Trainer:
 
     def _identity(self) -> dict[str, str]:
         """What a checkpoint must share with the run that resumes it (besides the domains)."""
-        return {"reward_model": self.reward_model, "head": self.config.model.head}
+        m = self.config.model
+        judge = {"judge_tokens": m.judge_tokens} if m.head == "generative" else {}
+        return {"reward_model": self.reward_model, "head": m.head, **judge}
 
     # ------------------------------------------------------------------ training
     def train(self) -> int:
@@ -301,7 +306,7 @@ class Trainer:
             if cpu_batch is None:
                 return None
             batch = self.engine.to_device(cpu_batch)
-            per_sample = per_sample_mse(self.engine.forward(model_inputs(batch)), batch["target"])
+            per_sample = self.lower_loss(self.engine.forward(model_inputs(batch)), batch["target"])
             instance = None if self.instance_weights is None else self.instance_weights.weights(batch["record"])
             loss = weighted_training_loss(per_sample, batch["domain"], weights, instance)
             nonfinite += (~torch.isfinite(loss)).float()
@@ -337,7 +342,7 @@ class Trainer:
         result = upper_step(self.engine, self.domain_weights, self.meta_optimizer, meta_batch, train_batches,
                             method=b.hypergrad, radius=b.fd_radius, aggregation=b.aggregation, objective=b.meta_loss,
                             geometry=b.hypergrad_geometry, instance_weights=self.instance_weights,
-                            update_domains=b.weighting != "instance")
+                            update_domains=b.weighting != "instance", lower_loss=self.lower_loss)
         seconds = time.perf_counter() - started  # synchronised: the result came through all-reduces
         self.state.upper_steps += 1
         if result.applied:
@@ -526,7 +531,8 @@ class Trainer:
                 meta = {"base_model": self.reward_model, "domains": self.domains, "domain_weights": exported_weights,
                         "weighting": self.config.bilevel.weighting,
                         "aggregation": self.config.bilevel.aggregation, "step": export_step,
-                        "max_image_side": self.config.data.max_image_side}
+                        "max_image_side": self.config.data.max_image_side,
+                        "judge_tokens": self.config.model.judge_tokens}
                 export_prm(self.output / "export", state_dict, self.engine.module, self.processor, meta)
         self.logger.end_progress(last_step)
         if self.engine.is_main:

@@ -27,6 +27,7 @@ from dreamprm.bestofn.scorer import ModelScorer, score_chains
 from dreamprm.bestofn.selection import select
 from dreamprm.checkpoint import retention_plan
 from dreamprm.config import ConfigError, parse_args
+from dreamprm.data.packing import make_collator
 from dreamprm.data.records import DataValidationError
 from dreamprm.evaluation import Evaluator, auc, load_eval_questions, metric_names, within_share
 from dreamprm.summary import RunSummary, write_run_summary
@@ -91,7 +92,7 @@ def test_evaluator_metrics_are_the_bestofn_report(tiny_prm):
     model, processor = tiny_prm
     questions = load_candidates(CANDIDATES)
     step_logits = ModelScorer(model, processor, torch.device("cpu"), 16, 512)(questions)
-    evaluator = Evaluator(questions, processor, packing="chain", batch_size=16, max_image_side=512,
+    evaluator = Evaluator(questions, make_collator(processor, "chain"), batch_size=16, max_image_side=512,
                           aggregation="mean_logit", rank=0, world_size=1, gather=lambda x: [x])
     values = evaluator.metrics(step_logits)
     selections = select(questions, step_logits, "mean_logit")
@@ -105,7 +106,7 @@ def test_evaluator_metrics_are_the_bestofn_report(tiny_prm):
 
 def test_ranks_share_the_chains_and_run_as_many_forwards(tiny_prm):
     questions = load_candidates(CANDIDATES)  # 24 questions x 4 chains
-    shares = [Evaluator(questions, tiny_prm[1], packing="chain", batch_size=7, max_image_side=512,
+    shares = [Evaluator(questions, make_collator(tiny_prm[1], "chain"), batch_size=7, max_image_side=512,
                         aggregation="mean", rank=r, world_size=3, gather=lambda x: [x]) for r in range(3)]
     assert list(itertools.chain.from_iterable(s.mine for s in shares)) == \
         [(q, c) for q in range(24) for c in range(4)]

@@ -14,6 +14,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from dreamprm.bestofn.candidates import Question
+from dreamprm.data.chat import chain_layout
 from dreamprm.data.packing import make_collator
 from dreamprm.data.records import DataValidationError, load_image
 from dreamprm.model.export_files import BACKBONE_FILES, HEAD_FILE, PRM_CONFIG
@@ -50,10 +51,17 @@ def resolve_prm_dir(path: str | Path, problems: list[str]) -> tuple[Path, dict[s
     else:
         if not isinstance(meta, dict):
             problems.append(f"--prm {path}: {PRM_CONFIG}: must be a JSON object, found {type(meta).__name__}")
-        elif meta.get("head") not in ("logits", "hidden"):
-            problems.append(f"--prm {path}: {PRM_CONFIG}: head: must be 'logits' or 'hidden', "
+        elif meta.get("head") not in ("logits", "hidden", "generative"):
+            problems.append(f"--prm {path}: {PRM_CONFIG}: head: must be 'logits', 'hidden' or 'generative', "
                             f"found {meta.get('head')!r}")
-    for name in (HEAD_FILE, "config.json"):
+        elif meta["head"] == "generative" and not (isinstance(meta.get("judge_ids"), list)
+                                                   and len(meta["judge_ids"]) == 2
+                                                   and all(isinstance(i, int) for i in meta["judge_ids"])):
+            problems.append(f"--prm {path}: {PRM_CONFIG}: judge_ids: the generative head needs the two judgement "
+                            f"token ids [positive, negative], found {meta.get('judge_ids')!r}")
+    # The generative head has no head file: the backbone's language-model head judges.
+    needed = ("config.json",) if isinstance(meta, dict) and meta.get("head") == "generative" else (HEAD_FILE, "config.json")
+    for name in needed:
         if not (path / name).is_file():
             problems.append(f"--prm {path}: {name} is missing")
     if not any((path / name).is_file() for name in BACKBONE_FILES):
@@ -70,9 +78,10 @@ class ModelScorer:
     ``packing`` 'chain' puts each chain in one row (`dreamprm.data.packing`), 'none' each prefix."""
 
     def __init__(self, model: torch.nn.Module, processor: Any, device: torch.device, batch_size: int,
-                 max_image_side: int, packing: str = "chain"):
+                 max_image_side: int, packing: str = "chain", judge_tokens: str = "+,-"):
         self.model = model.float().eval()  # fp32: selection compares scores that may be close
-        self.collator = make_collator(processor, packing)
+        # The layout the PRM was trained with (generative: one step per turn), through its backbone's adapter.
+        self.collator = make_collator(processor, packing, chain_layout(model.head_type, judge_tokens), model.adapter)
         self.device = device
         self.batch_size = batch_size
         self.max_image_side = max_image_side
@@ -82,10 +91,10 @@ class ModelScorer:
                     packing: str = "chain") -> "ModelScorer":
         from dreamprm.model.loading import load_exported_prm
         try:
-            model, processor, _ = load_exported_prm(path, dtype=torch.float32, device=device)
+            model, processor, meta = load_exported_prm(path, dtype=torch.float32, device=device)
         except Exception as err:  # a damaged file can fail in safetensors, json, transformers, ...
             raise DataValidationError([f"--prm {path}: cannot be loaded ({err.__class__.__name__}: {err})"]) from err
-        return cls(model, processor, device, batch_size, max_image_side, packing)
+        return cls(model, processor, device, batch_size, max_image_side, packing, meta.get("judge_tokens", "+,-"))
 
     def _inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         # The one place tensors move to the device.

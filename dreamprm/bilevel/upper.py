@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -25,6 +25,8 @@ from dreamprm.bilevel.instance_weights import InstanceWeights
 from dreamprm.data.datasets import select_rows
 from dreamprm.losses import chain_meta_loss, domain_loss_sums, per_sample_mse
 from dreamprm.model.prm import model_inputs
+
+LowerLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -42,13 +44,13 @@ def upper_step(engine: Any, weights: DomainWeights, meta_optimizer: torch.optim.
                meta_batch: dict[str, torch.Tensor], train_batches: list[dict[str, torch.Tensor]], *,
                method: str, radius: float, aggregation: str, objective: str, geometry: str = "sgd",
                instance_weights: InstanceWeights | None = None,
-               update_domains: bool = True) -> UpperResult:
+               update_domains: bool = True, lower_loss: LowerLoss = per_sample_mse) -> UpperResult:
     """One upper step. `train_batches`: the micro-batches whose d_k are averaged (the segment's, or
     only its last). `geometry` 'adam' takes the inner products as ⟨P ∇S_k, v⟩ with P the PRM
     optimiser's own diagonal preconditioner, the step AdamW actually takes (DARTS assumes SGD).
     `instance_weights` (--weighting instance/both; needs a finite-difference `method`): the table is
     updated from the same two forwards; `update_domains` False leaves the domain logits alone
-    (--weighting instance)."""
+    (--weighting instance). `lower_loss`: the per-sample lower-level loss (`dreamprm.losses.lower_loss`)."""
     num_domains = len(weights.names)
     v, meta_loss_value = meta_gradient(engine, meta_batch, aggregation, objective)
     if geometry == "adam":
@@ -61,14 +63,14 @@ def upper_step(engine: Any, weights: DomainWeights, meta_optimizer: torch.optim.
     if method == "exact":
         if instance_weights is not None:
             raise ValueError("instance weights need a finite-difference hypergradient (--hypergrad fd)")
-        directional = sum(hg.exact_directional(lambda b=b: exact_domain_dots(engine, b, v, num_domains))
+        directional = sum(hg.exact_directional(lambda b=b: exact_domain_dots(engine, b, v, num_domains, lower_loss))
                           for b in train_batches) / len(train_batches)
     else:
         # Instance weights scale the lower loss per record; under 'both' the domain sums carry them.
         current = None if instance_weights is None else [instance_weights.weights(b["record"]) for b in train_batches]
         directional, per_record, epsilon = finite_difference(
             engine, v, train_batches, radius, v_norm, num_domains,
-            current if instance_weights is not None and update_domains else None)
+            current if instance_weights is not None and update_domains else None, lower_loss)
         if instance_weights is not None:
             with torch.no_grad():
                 domain_w = weights().detach() if update_domains else None
@@ -124,7 +126,8 @@ def meta_gradient(engine: Any, meta_batch: dict[str, torch.Tensor], aggregation:
     return v, float(total[0]) / engine.info.world_size
 
 
-def exact_domain_dots(engine: Any, batch: dict[str, torch.Tensor], v: list[torch.Tensor], num_domains: int) -> torch.Tensor:
+def exact_domain_dots(engine: Any, batch: dict[str, torch.Tensor], v: list[torch.Tensor], num_domains: int,
+                      lower_loss: LowerLoss = per_sample_mse) -> torch.Tensor:
     """⟨∂(S_k/N)/∂θ, v⟩ for each k: one forward+backward per domain present in the global batch.
 
     Each inner product is taken shard-locally as soon as its gradient exists, and the gradient is
@@ -145,7 +148,7 @@ def exact_domain_dots(engine: Any, batch: dict[str, torch.Tensor], v: list[torch
             rows, scale = torch.zeros(1, dtype=torch.long, device=batch["domain"].device), 0.0
         sub = select_rows(batch, rows)
         logits = engine.upper_forward(model_inputs(sub))
-        loss = per_sample_mse(logits, sub["target"]).sum() * (scale / n_local)
+        loss = lower_loss(logits, sub["target"]).sum() * (scale / n_local)
         local[k] = engine.local_dot(engine.backward_without_step(loss), v)
     # DeepSpeed averages gradients over ranks: mean_r ∇(S_k^r/N_local) = ∇ S_k / N_global.
     return engine.all_reduce_sum(local.to(engine.info.device)).cpu()
@@ -153,7 +156,7 @@ def exact_domain_dots(engine: Any, batch: dict[str, torch.Tensor], v: list[torch
 
 def finite_difference(engine: Any, v: list[torch.Tensor], train_batches: list[dict[str, torch.Tensor]],
                       radius: float, v_norm: float, num_domains: int,
-                      instance_weights: list[torch.Tensor] | None = None
+                      instance_weights: list[torch.Tensor] | None = None, lower_loss: LowerLoss = per_sample_mse
                       ) -> tuple[torch.Tensor, list[torch.Tensor], float]:
     """Central difference along v from two forwards per batch at θ ± εv (parameters restored after).
 
@@ -172,7 +175,7 @@ def finite_difference(engine: Any, v: list[torch.Tensor], train_batches: list[di
 
     def sums_at(t: float) -> torch.Tensor:
         engine.perturb(snapshot, direction, t)
-        losses[t] = [per_sample_losses_at(engine, b) for b in train_batches]
+        losses[t] = [per_sample_losses_at(engine, b, lower_loss) for b in train_batches]
         weighted = losses[t] if instance_weights is None else [x * u for x, u in zip(losses[t], instance_weights)]
         return sum(engine.all_reduce_sum(domain_loss_sums(x, b["domain"], num_domains).double())
                    for x, b in zip(weighted, train_batches))
@@ -201,14 +204,16 @@ def instance_update(engine: Any, table: InstanceWeights, train_batches: list[dic
     return gathered[:, 0].long(), gathered[:, 1]
 
 
-def per_sample_losses_at(engine: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def per_sample_losses_at(engine: Any, batch: dict[str, torch.Tensor],
+                         lower_loss: LowerLoss = per_sample_mse) -> torch.Tensor:
     """This rank's per-sample training losses at the current parameters (no-grad forward)."""
     with torch.no_grad():
         logits = engine.upper_forward(model_inputs(batch))
-    return per_sample_mse(logits, batch["target"])
+    return lower_loss(logits, batch["target"])
 
 
-def domain_sums_at(engine: Any, batch: dict[str, torch.Tensor], num_domains: int) -> torch.Tensor:
+def domain_sums_at(engine: Any, batch: dict[str, torch.Tensor], num_domains: int,
+                   lower_loss: LowerLoss = per_sample_mse) -> torch.Tensor:
     """All-reduced per-domain loss sums S_k at the current parameters (no-grad forward)."""
-    sums = domain_loss_sums(per_sample_losses_at(engine, batch), batch["domain"], num_domains).double()
+    sums = domain_loss_sums(per_sample_losses_at(engine, batch, lower_loss), batch["domain"], num_domains).double()
     return engine.all_reduce_sum(sums)

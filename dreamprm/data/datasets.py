@@ -5,13 +5,15 @@ tensors. Nothing here touches a device: the trainer moves batches in one place.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch.utils.data import Dataset
 
+from dreamprm.data.chat import ChainLayout
 from dreamprm.data.records import MetaRecord, TrainRecord, load_image
+from dreamprm.model.adapters import ADAPTERS
 
 
 class TrainDataset(Dataset):
@@ -89,15 +91,18 @@ class PRMCollator:
     The output has the processor's tensors plus ``score_index`` [rows], ``item_index`` [rows]
     (which item a row belongs to: the chain, for meta batches), ``domain``, ``target`` and
     ``record`` [items] (the training record's index in its file; -1 for other items).
+    ``layout`` says how a text becomes a chat text (one user turn, or one turn per step for the
+    generative head: `dreamprm.data.chat`); ``adapter`` is the backbone's (`dreamprm.model.adapters`).
     """
 
     processor: Any
+    layout: ChainLayout = field(default_factory=ChainLayout)
+    adapter: Any = field(default_factory=lambda: ADAPTERS["qwen2_vl"])
 
     def chat_text(self, text: str) -> str:
-        # The image and the text in one user turn, with the generation prompt: the score is read at
-        # the last token, where the assistant's answer would begin.
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
-        return self.processor.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        # Ends with the generation prompt: the score is read at the last token, where the
+        # assistant's answer (the generative head: the judgement) begins.
+        return self.layout.chat_text(self.processor.tokenizer, text)
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         texts, images, item_index = [], [], []
@@ -106,7 +111,10 @@ class PRMCollator:
                 texts.append(self.chat_text(text))
                 images.append(item["image"])
                 item_index.append(i)
-        batch = dict(self.processor(text=texts, images=images, padding=True, return_tensors="pt"))
+        # Right padding: a 1-D rotary model (InternVL) numbers positions from the row's first token,
+        # so left padding would shift them away from the unpadded sequence's.
+        batch = dict(self.processor(text=texts, images=images, padding=True, padding_side="right", return_tensors="pt"))
+        batch["image_rows"] = self.adapter.batch_image_rows(self.processor, batch)
         batch["score_index"] = score_positions(batch["attention_mask"])
         batch["item_index"] = torch.tensor(item_index, dtype=torch.long)
         batch.update(item_tensors(items))
@@ -121,6 +129,21 @@ def item_tensors(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
            "record": record_indices(items)}
     if "question" in items[0]:
         out["question"] = torch.tensor([item["question"] for item in items], dtype=torch.long)
+    return out
+
+
+def select_images(batch: dict[str, torch.Tensor], images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``pixel_values`` (every image's rows back to back) and the per-image keys of the given images.
+
+    ``image_rows`` [images] (the collators add it from the backbone's adapter) says how many rows of
+    ``pixel_values`` each image takes; batches without it are Qwen-style (``image_grid_thw``)."""
+    counts = batch["image_rows"] if "image_rows" in batch else batch["image_grid_thw"].prod(dim=-1)
+    counts = counts.cpu()
+    starts = torch.cumsum(counts, 0) - counts
+    out = {"pixel_values": torch.cat([batch["pixel_values"][starts[r]:starts[r] + counts[r]] for r in images.tolist()])}
+    for key in ("image_grid_thw", "image_rows"):
+        if key in batch:
+            out[key] = batch[key][images.to(batch[key].device)]
     return out
 
 
@@ -140,11 +163,8 @@ def select_rows(batch: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str,
         return select_packed_records(batch, rows)
     rows = rows.to(torch.long).cpu()
     out = {k: v[rows] for k, v in batch.items()
-           if k not in ("pixel_values", "image_grid_thw", "item_index", "domain", "target", "record")}
-    patches = batch["image_grid_thw"].prod(dim=-1)
-    starts = torch.cumsum(patches, 0) - patches
-    out["pixel_values"] = torch.cat([batch["pixel_values"][starts[r]:starts[r] + patches[r]] for r in rows.tolist()])
-    out["image_grid_thw"] = batch["image_grid_thw"][rows]
+           if k not in ("pixel_values", "image_grid_thw", "image_rows", "item_index", "domain", "target", "record")}
+    out.update(select_images(batch, rows))
     out["item_index"] = torch.arange(rows.numel())
     out["domain"] = batch["domain"][rows]
     out["target"] = batch["target"][rows]

@@ -26,13 +26,15 @@ from ``visible`` and ``branch_start`` (two integers per token instead of a [L, L
 """
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 
-from dreamprm.data.datasets import PRMCollator, item_tensors
+from dreamprm.data.chat import ChainLayout
+from dreamprm.data.datasets import PRMCollator, item_tensors, select_images
+from dreamprm.model.adapters import ADAPTERS
+from dreamprm.model.adapters import mrope_positions as rope_positions  # noqa: F401  (tests import it from here)
 
 PACKING_MODES = ("none", "chain")
 
@@ -96,35 +98,6 @@ def pack_sequences(sequences: Sequence[Sequence[int]]) -> PackedLayout:
         branch_start += [start] * (len(seq) - cut)
         score_index[j] = len(visible) - 1
     return PackedLayout(segments, visible, branch_start, score_index)
-
-
-def rope_positions(token_types: Sequence[int], grids: Sequence[Sequence[int]], spatial_merge_size: int) -> torch.Tensor:
-    """Qwen2-VL's multimodal rotary positions [3, L] of one unpadded sequence.
-
-    The rule of ``Qwen2VLModel.get_rope_index`` (transformers 5.x; Qwen2.5-VL's is the same for
-    images): a text token takes the next position on all three axes; an image of grid (t, h, w)
-    takes (start + t_i, start + h_i, start + w_i) over its merged grid, and the text after it
-    continues at ``start + max(h, w) // merge``. ``token_types``: 0 text, 1 image (one run per
-    image, images in ``grids`` order). Checked against the model's own function in the tests.
-    """
-    parts, current = [], 0
-    grid_iter = iter(grids)
-    for kind, run in itertools.groupby(token_types):
-        length = len(list(run))
-        if kind == 0:
-            parts.append(torch.arange(current, current + length).expand(3, -1))
-            current += length
-            continue
-        if kind != 1:
-            raise ValueError(f"rope_positions: token type {kind} (video/audio) is not supported")
-        t, h, w = (int(x) for x in next(grid_iter))
-        h, w = h // spatial_merge_size, w // spatial_merge_size
-        grid = torch.stack(torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")).reshape(3, -1)
-        if grid.shape[1] != length:
-            raise ValueError(f"rope_positions: an image run of {length} tokens does not match its grid {t}x{h}x{w}")
-        parts.append(grid + current)
-        current += max(h, w)
-    return torch.cat(parts, dim=1) if parts else torch.zeros(3, 0, dtype=torch.long)
 
 
 def group_chain_records(records: Sequence[Any]) -> list[int | None]:
@@ -211,13 +184,11 @@ class PackedPRMCollator(PRMCollator):
     """
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        processor, tokenizer = self.processor, self.processor.tokenizer
-        merge = processor.image_processor.merge_size
-        image_token = processor.image_token
+        processor, tokenizer, adapter = self.processor, self.processor.tokenizer, self.adapter
+        image_token = adapter.image_placeholder(processor)
         members = row_members(items)
         # Records of one group share their image file; the row's first item's image stands for all.
-        vision = processor.image_processor(images=[items[m[0]]["image"] for m in members], return_tensors="pt")
-        grids = vision["image_grid_thw"]
+        vision = adapter.vision_inputs(processor, [items[m[0]]["image"] for m in members])
         rows, where = [], {}  # where[(item, text)] = (row, score position)
         for r, member in enumerate(members):
             keys = [(i, j) for i in member for j in range(len(items[i]["texts"]))]
@@ -226,24 +197,24 @@ class PackedPRMCollator(PRMCollator):
                 if text.count(image_token) != 1:
                     raise ValueError(f"packing: item {i}, text {j} ({items[i]['texts'][j][:40]!r}...): the chat text "
                                      f"needs exactly one {image_token}, found {text.count(image_token)}")
-            # The processor's own expansion: the placeholder repeated once per merged patch.
-            expanded = [t.replace(image_token, processor.replace_image_token(vision, r)) for t in texts]
+            # The processor's own expansion of the image placeholder.
+            expanded = [adapter.expand_image(processor, t, vision, r) for t in texts]
             sequences = tokenizer(expanded)["input_ids"]
-            types = processor.create_mm_token_type_ids(sequences)
+            types = adapter.token_types(processor, sequences)
             layout = pack_sequences(sequences)
             rows.append({
                 "input_ids": [t for s, a, b in layout.segments for t in sequences[s][a:b]],
                 "mm_token_type_ids": [t for s, a, b in layout.segments for t in types[s][a:b]],
                 # A token's positions depend on the tokens before it in its own sequence only.
-                "position_ids": torch.cat([rope_positions(types[s][:b], [grids[r].tolist()], merge)[:, a:]
+                "position_ids": torch.cat([adapter.positions(processor, types[s][:b], vision, r)[:, a:]
                                            for s, a, b in layout.segments], dim=1),
                 "visible": layout.visible, "branch_start": layout.branch_start,
             })
             where.update({key: (r, q) for key, q in zip(keys, layout.score_index)})
         order = [where[(i, j)] for i, item in enumerate(items) for j in range(len(item["texts"]))]
-        batch = self._pad(rows, tokenizer.pad_token_id)
-        batch["pixel_values"] = vision["pixel_values"]
-        batch["image_grid_thw"] = grids
+        batch = self._pad(rows, tokenizer.pad_token_id, adapter.rotary_axes)
+        batch.update({k: v for k, v in vision.items() if k == "pixel_values" or k in adapter.image_keys()})
+        batch["image_rows"] = adapter.image_rows(vision)
         batch["score_row"] = torch.tensor([r for r, _ in order], dtype=torch.long)
         batch["score_index"] = torch.tensor([q for _, q in order], dtype=torch.long)
         batch["item_index"] = torch.tensor([i for i, item in enumerate(items) for _ in item["texts"]], dtype=torch.long)
@@ -251,7 +222,7 @@ class PackedPRMCollator(PRMCollator):
         return batch
 
     @staticmethod
-    def _pad(rows: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    def _pad(rows: list[dict[str, Any]], pad_id: int, rotary_axes: int = 3) -> dict[str, torch.Tensor]:
         """Right padding. A padding token sees only itself: a fully masked query row would make
         SDPA return NaN, and a NaN there reaches the weight gradients as 0 * NaN."""
         length = max(len(r["input_ids"]) for r in rows)
@@ -259,7 +230,7 @@ class PackedPRMCollator(PRMCollator):
         out = {"input_ids": torch.full((n, length), pad_id, dtype=torch.long),
                "attention_mask": torch.zeros(n, length, dtype=torch.long),
                "mm_token_type_ids": torch.zeros(n, length, dtype=torch.long),
-               "position_ids": torch.zeros(n, 3, length, dtype=torch.long),
+               "position_ids": torch.zeros(n, rotary_axes, length, dtype=torch.long),
                "packed_visible": torch.zeros(n, length, dtype=torch.long),
                "packed_branch_start": torch.arange(length).repeat(n, 1)}
         for i, r in enumerate(rows):
@@ -286,10 +257,7 @@ def select_packed_records(batch: dict[str, torch.Tensor], records: torch.Tensor)
     renumber[rows] = torch.arange(rows.numel())
     out = {k: batch[k][rows.to(batch[k].device)] for k in
            ("input_ids", "attention_mask", "mm_token_type_ids", "position_ids", "packed_visible", "packed_branch_start")}
-    patches = batch["image_grid_thw"].prod(dim=-1).cpu()
-    starts = torch.cumsum(patches, 0) - patches
-    out["pixel_values"] = torch.cat([batch["pixel_values"][starts[r]:starts[r] + patches[r]] for r in rows.tolist()])
-    out["image_grid_thw"] = batch["image_grid_thw"][rows.to(batch["image_grid_thw"].device)]
+    out.update(select_images(batch, rows))
     device = batch["score_index"].device
     out["score_row"] = renumber[score_row].to(device)
     out["score_index"] = batch["score_index"][records.to(device)]
@@ -301,8 +269,11 @@ def select_packed_records(batch: dict[str, torch.Tensor], records: torch.Tensor)
     return out
 
 
-def make_collator(processor: Any, packing: str) -> PRMCollator:
-    """The collator of a ``--packing`` mode: 'none' one row per text, 'chain' one row per item."""
+def make_collator(processor: Any, packing: str, layout: ChainLayout | None = None, adapter: Any = None) -> PRMCollator:
+    """The collator of a ``--packing`` mode: 'none' one row per text, 'chain' one row per item;
+    ``layout`` the head's chat layout (default: one user turn), ``adapter`` the backbone's
+    (default: Qwen2-VL's)."""
     if packing not in PACKING_MODES:
         raise ValueError(f"--packing must be one of {PACKING_MODES}, got {packing!r}")
-    return PackedPRMCollator(processor) if packing == "chain" else PRMCollator(processor)
+    cls = PackedPRMCollator if packing == "chain" else PRMCollator
+    return cls(processor, layout or ChainLayout(), adapter or ADAPTERS["qwen2_vl"])

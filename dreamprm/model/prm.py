@@ -1,4 +1,4 @@
-"""The process reward model: a Qwen2-VL backbone plus a scalar score head.
+"""The process reward model: a vision-language backbone plus a score head.
 
 The model returns the score's logit for every row; the score itself is ``sigmoid(logit)``. Keeping
 logits lets the meta aggregation ``sigmoid(mean_i logit(s_i))`` avoid a logit of a rounded sigmoid.
@@ -8,9 +8,16 @@ Heads:
   scored position only (the original materialised ``[batch, seq, vocab]``).
 - ``hidden``: ``Linear(hidden_size, 1)`` on the final hidden state of the scored position; the
   language-model head is frozen and never run.
+- ``generative``: no new parameters; the language-model head reads the judgement at the scored
+  position (the generation prompt after a step, `dreamprm.data.chat`) and the score's logit is
+  ``log P(+) - log P(-)`` = ``lm_logit(+) - lm_logit(-)`` (the softmax's normaliser cancels), so
+  ``sigmoid(logit)`` is P(+) over {+, -} and every aggregation, objective and report sees a logit.
+
+The backbone is called through its adapter (`dreamprm.model.adapters`): the heads see hidden states
+and language-model logits only, never the backbone's type.
 
 Packed batches (`dreamprm.data.packing`) score several positions per row: ``score_row`` says which
-row each score is read from, ``position_ids`` carries every token's multimodal rotary positions and
+row each score is read from, ``position_ids`` carries every token's rotary positions and
 ``packed_visible`` / ``packed_branch_start`` become the attention mask. Attention backends:
 - ``sdpa`` (the default, chosen on CPU and CUDA): takes the boolean [rows, 1, L, L] mask. On CPU it
   ran the tiny model's packed rows faster than eager (0.34 vs 0.40 s). On CUDA a mask rules out
@@ -26,7 +33,10 @@ from typing import Literal
 import torch
 from torch import nn
 
-HeadType = Literal["logits", "hidden"]
+from dreamprm.model.adapters import adapter_for
+
+HeadType = Literal["logits", "hidden", "generative"]
+HEADS = ("logits", "hidden", "generative")
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
 PACKED_INPUTS = ("position_ids", "packed_visible", "packed_branch_start", "score_row")
 MODEL_KEYS = MODEL_INPUTS + PACKED_INPUTS + ("score_index",)  # every batch key the PRM's forward reads
@@ -56,13 +66,24 @@ def packed_attention_mask(visible: torch.Tensor, branch_start: torch.Tensor, imp
 
 
 class ProcessRewardModel(nn.Module):
-    def __init__(self, backbone: nn.Module, head: HeadType = "logits"):
+    def __init__(self, backbone: nn.Module, head: HeadType = "logits", judge_ids: tuple[int, int] | None = None):
         super().__init__()
-        if head not in ("logits", "hidden"):
-            raise ValueError(f"--head must be 'logits' or 'hidden', got {head!r}")
+        if head not in HEADS:
+            raise ValueError(f"--head must be one of {', '.join(HEADS)}, got {head!r}")
         self.backbone = backbone  # a *ForConditionalGeneration: .model (VL body) and .lm_head
+        self.adapter = adapter_for(backbone.config)
         self.head_type = head
         text_config = getattr(backbone.config, "text_config", backbone.config)
+        if head == "generative":
+            if judge_ids is None:
+                raise ValueError("the generative head needs the judgement token ids (see dreamprm.model.judge)")
+            vocab = text_config.vocab_size
+            if not all(0 <= i < vocab for i in judge_ids):
+                raise ValueError(f"judgement token ids {judge_ids} are outside the model's vocabulary ({vocab})")
+            self.judge_ids = tuple(int(i) for i in judge_ids)
+            self.score_head = None
+            return
+        self.judge_ids = None
         width = text_config.vocab_size if head == "logits" else text_config.hidden_size
         self.score_head = nn.Linear(width, 1)
         if head == "hidden":
@@ -74,16 +95,22 @@ class ProcessRewardModel(nn.Module):
                 packed_visible: torch.Tensor | None = None, packed_branch_start: torch.Tensor | None = None,
                 score_row: torch.Tensor | None = None, **_: torch.Tensor) -> torch.Tensor:
         """Score logits, shape [scores]: one per row, or one per ``score_row`` entry when packed."""
-        extra = {"mm_token_type_ids": mm_token_type_ids} if mm_token_type_ids is not None else {}
         if packed_visible is not None:
             text_config = getattr(self.backbone.config, "text_config", self.backbone.config)
             attention_mask = packed_attention_mask(packed_visible, packed_branch_start,
                                                    text_config._attn_implementation, self.backbone.dtype)
-            extra["position_ids"] = position_ids.transpose(0, 1)  # (rows, 3, L) -> (3, rows, L) as the model wants
-        hidden = self.backbone.model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
-                                     image_grid_thw=image_grid_thw, use_cache=False, **extra).last_hidden_state
+        else:
+            position_ids = None
+        inputs = self.adapter.body_inputs(dict(
+            input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+            image_grid_thw=image_grid_thw, mm_token_type_ids=mm_token_type_ids, position_ids=position_ids))
+        hidden = self.backbone.model(**inputs, use_cache=False).last_hidden_state
         rows = torch.arange(hidden.shape[0], device=hidden.device) if score_row is None else score_row
         last = hidden[rows, score_index]  # (scores, hidden)
+        if self.head_type == "generative":
+            vocab_logits = self.backbone.lm_head(last).float()  # (scores, vocab): the scored positions only
+            positive, negative = self.judge_ids
+            return vocab_logits[:, positive] - vocab_logits[:, negative]
         if self.head_type == "logits":
             last = self.backbone.lm_head(last)  # (scores, vocab): one position, not the whole sequence
         return self.score_head(last.to(self.score_head.weight.dtype)).squeeze(-1).float()
