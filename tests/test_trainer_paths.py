@@ -135,8 +135,9 @@ def test_the_default_bf16_upper_step_matches_the_fp64_reference(tiny_model, bf16
     for rank in bf16_default_run["ranks"]:
         upper = rank["upper"]
         assert upper["applied"] and upper["epsilon"] is None
-        # docs/hypergradient.md's bf16 table: measured here 0.2-0.4% (bf16 arithmetic: 39-63%).
-        assert rel_error(upper["directional"], ref["directional"]) < 0.05, (upper["directional"], ref)
+        # Measured on this batch: 0.50% (with --upper_precision engine, bf16 arithmetic: 3.2%, which this
+        # limit tells apart; the goal is 5%, docs/hypergradient.md's bf16 table).
+        assert rel_error(upper["directional"], ref["directional"]) < 0.015, (upper["directional"], ref)
         signs = torch.sign(torch.tensor(upper["hypergradient"], dtype=torch.float64))
         assert torch.equal(signs, torch.sign(ref["hypergradient"])), (upper["hypergradient"], ref)
         assert cosine(upper["hypergradient"], ref["hypergradient"]) > 0.999
