@@ -28,6 +28,21 @@ def test_weights_have_mean_one_over_the_table_after_sparse_updates():
     assert table.logits.std() > 0.1  # the updates moved rows
 
 
+def test_the_lower_loss_gets_the_tables_weights_after_sparse_updates():
+    # `weights(rows)` (what the lower loss multiplies by) must be the table's normalised weights, not
+    # the rows renormalised among themselves: over a batch of distrusted rows the two differ.
+    table = InstanceWeights(500, lr=0.7)
+    generator = torch.Generator().manual_seed(3)
+    for _ in range(20):
+        rows = torch.randint(0, 500, (16,), generator=generator)
+        table.step(rows, torch.randn(16, generator=generator, dtype=torch.float64))
+    everything = table.all_weights()
+    for rows in (torch.tensor([4, 99, 4, 311]), torch.argsort(everything)[:8], torch.arange(500)):
+        assert torch.equal(table.weights(rows), everything[rows])
+    low = torch.argsort(everything)[:8]
+    assert float(table.weights(low).mean()) < 0.9  # a batch of distrusted rows keeps its low weights
+
+
 def test_an_update_moves_only_its_rows_and_repeated_rows_add_up():
     table = InstanceWeights(10, lr=1.0)
     table.step(torch.tensor([2, 7, 2]), torch.tensor([1.0, -1.0, 1.0], dtype=torch.float64))
