@@ -116,6 +116,8 @@ class BilevelConfig:
     instance_lr: float = _f(0.3, "--weighting instance/both: how far one visit moves a record's logit (the step is "
                             "instance_lr · g / rms(g), the RMS over the update's records)")
     weight_check_every: int = _f(10, "check every N upper steps that all ranks hold identical domain weights")
+    meta_warmup_steps: int = _f(0, "cold start: the first N lower-level steps are vanilla (every weight 1, no upper "
+                                "step); the upper level starts with the first segment that ends after step N")
 
 
 @dataclass
@@ -162,6 +164,8 @@ class TrainConfig:
         for name, value in positive.items():
             if value < 1:
                 raise ConfigError(f"--{name}: must be >= 1, got {value}")
+        if self.bilevel.meta_warmup_steps < 0:
+            raise ConfigError(f"--meta_warmup_steps: must be >= 0, got {self.bilevel.meta_warmup_steps}")
         if not 0.0 <= self.bilevel.meta_beta < 1.0:
             raise ConfigError(f"--meta_beta: must be in [0, 1), got {self.bilevel.meta_beta}")
         for name, value in {"lr": self.optim.lr, "meta_lr": self.bilevel.meta_lr, "fd_radius": self.bilevel.fd_radius,

@@ -227,7 +227,9 @@ class Trainer:
                     self.save_checkpoint()
                 if stop is not None:
                     return False, stop
-        if not bilevel.baseline:
+        # --meta_warmup_steps: the PRM first learns the task unweighted, so that the first
+        # hypergradients compare domains (and records) through a PRM that already scores them.
+        if not bilevel.baseline and self.state.step > bilevel.meta_warmup_steps:
             self.run_upper_step(kept)
         if self.state.step % run.save_every_iterations == 0:
             self.save_checkpoint()
