@@ -82,7 +82,7 @@ class Trainer:
         self.processor = load_processor(self.reward_model, trust_remote_code=config.model.trust_remote_code)
         self.engine = build.engine(config, self.ds_config, self.reward_model, info)
         self.domain_weights, self.instance_weights, self.meta_optimizer = build.upper_level(
-            config, self.domains, len(self.train_records))
+            config, self.domains, self.train_records)
         self.state = TrainState()
         self.train_batches, self.meta_batches = build.batch_streams(
             config, info, self.processor, self.train_records, records.meta, self.domains, self.state.train,
@@ -162,9 +162,9 @@ class Trainer:
         if saved["domains"] != self.domains:
             differences.append(f"domains: checkpoint {saved['domains']} vs data {self.domains}")
         table = saved.get("instance_weights")
-        if self.instance_weights is not None and table is not None and table["logits"].numel() != len(self.train_records):
-            differences.append(f"instance weights: checkpoint {table['logits'].numel()} records vs "
-                               f"{len(self.train_records)} in {self.config.data.train_json_file}")
+        problem = None if self.instance_weights is None or table is None else self.instance_weights.incompatibility(table)
+        if problem:
+            differences.append(f"{problem} ({self.config.data.train_json_file})")
         # Model directories are recorded absolute; older checkpoints may hold a relative spelling.
         then = {**saved["identity"], "reward_model": os.path.abspath(saved["identity"]["reward_model"])}
         for key, now in self._identity().items():
@@ -285,7 +285,7 @@ class Trainer:
         result = upper_step(self.engine, self.domain_weights, self.meta_optimizer, meta_batch, train_batches,
                             method=b.hypergrad, radius=b.fd_radius, aggregation=b.aggregation, objective=b.meta_loss,
                             geometry=b.hypergrad_geometry, instance_weights=self.instance_weights,
-                            update_domains=b.weighting != "instance")
+                            update_domains=b.weighting not in ("instance", "instance_net"))
         seconds = time.perf_counter() - started  # synchronised: the result came through all-reduces
         self.state.upper_steps += 1
         if result.applied:
@@ -399,7 +399,8 @@ class Trainer:
             write_domain_weight_summary(self.output, weights, self.domain_weights.logits.detach().tolist())
             if self.instance_weights is not None:
                 path = write_instance_weight_report(self.output, self.config.data.train_json_file, self.train_records,
-                                                    self.instance_weights.all_weights().tolist())
+                                                    self.instance_weights.all_weights().tolist(),
+                                                    self.instance_weights.last_losses().tolist())
                 self.logger.info(f"instance weights of {len(self.train_records)} records, lowest first: {path}")
         if self.config.run.export:
             state_dict = self.engine.consolidated_state_dict()

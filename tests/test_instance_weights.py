@@ -73,10 +73,11 @@ def test_instance_weights_scale_each_sample_of_the_lower_loss():
     assert float(loss) == pytest.approx((1.5 * 0.5 + 0.0 + 0.5 * 2.0 * 0.9 + 0.5 * 0.4) / 4)
 
 
-def test_a_table_of_ten_million_records_fits_in_40_mb():
+def test_a_table_of_ten_million_records_fits_in_80_mb():
     table = InstanceWeights(10_000_000, lr=0.3)
     assert table.logits.element_size() * table.logits.numel() == 40_000_000
-    assert set(table.state_dict()) == {"logits", "softplus_sum", "updates"}
+    assert table.loss.element_size() * table.loss.numel() == 40_000_000  # the last-visit losses
+    assert set(table.state_dict()) == {"kind", "logits", "softplus_sum", "updates", "loss"}
 
 
 def test_instance_weights_refuse_the_exact_estimator(capsys):

@@ -1,4 +1,5 @@
 """Instance weights (`--weighting instance|both`): one logit per training record.
+(`instance_net.py`: the same interface, the weight computed from the record's features.)
 
     u_i = softplus(a_i) / M,   M = mean over the whole table of softplus(a_j)
 
@@ -31,6 +32,18 @@ import torch.nn.functional as F
 
 CHUNK = 1 << 20  # rows per pass of the O(table) reports: bounded temporaries at any table size
 
+
+def store_row_means(cache: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """cache[row] = mean of that row's values (rows may repeat); returns the previous values of the
+    unique rows (in `torch.unique` order), with the new ones at cache[torch.unique(rows)]."""
+    unique, where = torch.unique(rows, return_inverse=True)
+    total = torch.zeros(unique.numel(), dtype=torch.float64).index_add_(0, where, values.double())
+    count = torch.zeros(unique.numel(), dtype=torch.float64).index_add_(0, where, torch.ones_like(values.double()))
+    old = cache[unique].clone()
+    cache[unique] = (total / count).to(cache.dtype)
+    return old
+
+
 class InstanceWeights:
     """The replicated table of per-record logits (float32) and its normaliser."""
 
@@ -41,6 +54,9 @@ class InstanceWeights:
         self.logits = torch.zeros(num_records, dtype=torch.float32)
         self.softplus_sum = num_records * math.log(2.0)  # Σ softplus(a_j), float64 (a Python float)
         self.updates = 0
+        # ℓ_i at the record's last visit by an upper step (NaN: never), for the loss-ranking baseline of
+        # the report: 4 bytes per record.
+        self.loss = torch.full((num_records,), float("nan"), dtype=torch.float32)
 
     def __len__(self) -> int:
         return self.logits.numel()
@@ -82,6 +98,23 @@ class InstanceWeights:
         self.updates += 1
         return {"rows": float(unique.numel()), "rms": rms}
 
+    def update(self, rows: torch.Tensor, dloss_dweights: torch.Tensor, losses: torch.Tensor) -> dict[str, float]:
+        """One upper step from the gathered ∂L_meta/∂u_i (= -c_i d_i) and the measured losses ℓ_i."""
+        store_row_means(self.loss, rows.cpu().long(), losses.cpu())
+        return self.step(rows, self.logit_gradient(rows, dloss_dweights))
+
+    def last_losses(self) -> torch.Tensor:
+        """ℓ_i at each record's last visit by an upper step (NaN: never visited): the loss ranking."""
+        return self.loss.clone()
+
+    def incompatibility(self, state: dict[str, Any]) -> str | None:
+        """Why a checkpoint's instance state cannot be loaded here, or None."""
+        if state.get("kind", "table") != "table":
+            return "instance weights: the checkpoint holds an instance net, this run a per-record table"
+        if state["logits"].numel() != len(self):
+            return f"instance weights: checkpoint {state['logits'].numel()} records vs {len(self)} in the training file"
+        return None
+
     def checksum(self) -> torch.Tensor:
         """A float64 value that differs between ranks whenever their tables differ (O(table))."""
         total = torch.tensor(self.softplus_sum, dtype=torch.float64)
@@ -91,14 +124,16 @@ class InstanceWeights:
         return total
 
     def state_dict(self) -> dict[str, Any]:
-        return {"logits": self.logits.clone(), "softplus_sum": torch.tensor(self.softplus_sum, dtype=torch.float64),
-                "updates": self.updates}
+        return {"kind": "table", "logits": self.logits.clone(),
+                "softplus_sum": torch.tensor(self.softplus_sum, dtype=torch.float64), "updates": self.updates,
+                "loss": self.loss.clone()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        logits = state["logits"]
-        if logits.numel() != len(self):
-            raise ValueError(f"instance weights: the checkpoint holds {logits.numel()} records, the training file "
-                             f"{len(self)}")
-        self.logits = logits.to(torch.float32).clone()
+        problem = self.incompatibility(state)
+        if problem:
+            raise ValueError(problem)
+        self.logits = state["logits"].to(torch.float32).clone()
+        if "loss" in state:  # older checkpoints: no losses measured yet
+            self.loss = state["loss"].to(torch.float32).clone()
         self.softplus_sum = float(state["softplus_sum"])
         self.updates = int(state["updates"])
