@@ -102,6 +102,9 @@ def test_per_record_derivatives_match_the_fp64_reference_on_two_ranks(tiny_model
     assert max(abs(x) for x in result["per_record_reference"]) > 0
     assert result["cosine_vs_reference"] >= 0.999, result
     assert result["rel_error_vs_reference"] < 0.01, result
+    # The instance net's hypergradient (the fp32 d_i chained through the net's Jacobian) against the
+    # float64 d_i through the same chain.
+    assert result["net_hypergradient_cosine_vs_reference"] >= 0.999, result
 
 
 def _instance_run(tiny_model, out, *extra):
@@ -145,3 +148,62 @@ def test_two_ranks_train_report_and_resume_instance_weights_exactly(tiny_model, 
     assert {f"instance_weight/{d}" for d in domains} <= set(events.Tags()["histograms"])
     # Domain weights stay uniform under --weighting instance.
     assert set(read_json(straight / "domain_weights.json")["weights"].values()) == {1.0}
+
+
+PROBE = REPO / "tests" / "trainer_probe.py"
+
+
+@pytest.fixture(scope="module", params=["both", "both_net"])
+def instance_probe(request, tiny_model, tmp_path_factory):
+    """tests/trainer_probe.py on 2 ZeRO-3 ranks with the table (`both`) or the net (`both_net`)."""
+    out = tmp_path_factory.mktemp(f"probe_{request.param}")
+    flags = small_run_args(tiny_model, out / "run", "--weighting", request.param, "--hypergrad", "fd",
+                           "--fd_radius", "1e-3", "--batch_size", "4", "--meta_batch_size", "2",
+                           "--gradient_accumulation", "2", "--unroll_steps", "2", "--meta_warmup_steps", "2",
+                           "--instance_net_lr", "0.2", "--iteration_num", "50",
+                           # The runtime guard off: the test compares the ranks' states itself.
+                           "--weight_check_every", "1000")
+    cmd = launch_command(PROBE, [str(out), "warmup,lower_instance,instance_upper", *flags], 2)
+    proc = subprocess.run(cmd, cwd=REPO, env=base_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
+    return {"weighting": request.param, "ranks": [read_json(out / f"rank_{r}.json") for r in range(2)],
+            "saved": [torch.load(out / f"rank_{r}.pt", weights_only=False) for r in range(2)]}
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_the_lower_step_weights_each_record_by_the_instance_weights_on_two_ranks(instance_probe):
+    for rank in instance_probe["ranks"]:
+        check = rank["lower_instance"]
+        used = check["instance_weights_used"]
+        assert max(used) - min(used) > 0.05, used  # the probe's instance weights are not uniform
+        assert check["domain_only_vs_expected"] > 0.02, check  # ... and change the gradient
+        assert check["rel_error"] < 1e-4, check
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_the_instance_state_is_identical_on_both_ranks_after_upper_steps(instance_probe):
+    first, second = instance_probe["saved"]
+    for rank in instance_probe["ranks"]:
+        assert rank["instance_upper"]["records_moved"] > 0  # the upper steps changed the weights
+    assert torch.equal(first["instance_weights"], second["instance_weights"])
+    a, b = first["instance_state"], second["instance_state"]
+    if instance_probe["weighting"] == "both":
+        assert torch.equal(a["logits"], b["logits"]) and float(a["softplus_sum"]) == float(b["softplus_sum"])
+        losses = (a["loss"], b["loss"])
+    else:
+        assert all(torch.equal(a["net"][k], b["net"][k]) for k in a["net"])
+        losses = (a["cache"]["loss"], b["cache"]["loss"])
+    torch.testing.assert_close(*losses, rtol=0, atol=0, equal_nan=True)
+    # The rows the two upper steps visited (every rank's) hold a measured loss on both ranks.
+    visited = {r for rank in instance_probe["ranks"] for r in rank["instance_upper"]["records"]}
+    assert all(not math.isnan(float(losses[0][r])) for r in visited)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_meta_warmup_steps_delays_the_first_upper_step(instance_probe):
+    # --unroll_steps 2 --meta_warmup_steps 2: the segment ending at step 2 is vanilla, the next has its upper step.
+    for rank in instance_probe["ranks"]:
+        assert rank["warmup"]["step_and_upper_steps"] == [[2, 0], [4, 1], [6, 2]]
