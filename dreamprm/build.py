@@ -202,7 +202,7 @@ def upper_level(config: TrainConfig, domains: dict[str, int], train_records: lis
     domain_weights = DomainWeights(list(domains))
     instance_weights: InstanceWeights | InstanceNet | None = None
     if b.weighting in ("instance", "both") and not b.baseline:
-        instance_weights = InstanceWeights(len(train_records), b.instance_lr)
+        instance_weights = InstanceWeights(len(train_records), b.instance_lr, b.instance_recipe)
     elif b.weighting in ("instance_net", "both_net") and not b.baseline:
         names = tuple(x.strip() for x in b.instance_net_features.split(",") if x.strip())
         instance_weights = InstanceNet(RecordFeatures.from_records(train_records, domains), names,

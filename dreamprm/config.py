@@ -118,6 +118,9 @@ class BilevelConfig:
                         "derivatives from the same two forwards)", choices=WEIGHTINGS)
     instance_lr: float = _f(0.3, "--weighting instance/both: how far one visit moves a record's logit (the step is "
                             "instance_lr · g / rms(g), the RMS over the update's records)")
+    instance_recipe: str = _f("softplus", "--weighting instance/both: 'softplus' (weights softplus(a_i) normalised "
+                              "to mean 1 over the table) or 'clipped' (DreamPRM-1.5's recipe, a baseline: the table "
+                              "holds the weights, unnormalised, each clipped to [-1, 3])", choices=("softplus", "clipped"))
     instance_net_lr: float = _f(0.01, "--weighting instance_net/both_net: Adam's learning rate of the net (its "
                                 "hypergradient is RMS-normalised over each update's records first)")
     instance_net_features: str = _f("mc,gap,position,domain", "--weighting instance_net/both_net: the net's inputs, "

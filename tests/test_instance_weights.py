@@ -77,7 +77,7 @@ def test_a_table_of_ten_million_records_fits_in_80_mb():
     table = InstanceWeights(10_000_000, lr=0.3)
     assert table.logits.element_size() * table.logits.numel() == 40_000_000
     assert table.loss.element_size() * table.loss.numel() == 40_000_000  # the last-visit losses
-    assert set(table.state_dict()) == {"kind", "logits", "softplus_sum", "updates", "loss"}
+    assert set(table.state_dict()) == {"kind", "recipe", "logits", "softplus_sum", "updates", "loss"}
 
 
 def test_instance_weights_refuse_the_exact_estimator(capsys):
@@ -207,3 +207,16 @@ def test_meta_warmup_steps_delays_the_first_upper_step(instance_probe):
     # --unroll_steps 2 --meta_warmup_steps 2: the segment ending at step 2 is vanilla, the next has its upper step.
     for rank in instance_probe["ranks"]:
         assert rank["warmup"]["step_and_upper_steps"] == [[2, 0], [4, 1], [6, 2]]
+
+
+def test_the_clipped_recipe_holds_unnormalised_weights_within_minus_one_and_three():
+    table = InstanceWeights(6, lr=1.5, recipe="clipped")
+    assert torch.equal(table.all_weights(), torch.ones(6))
+    for _ in range(4):  # rows 0-3 harmful (∂L/∂u > 0), rows 4-5 helpful
+        table.update(torch.arange(6), torch.tensor([1.0, 1.0, 0.5, 1.0, -1.0, -1.0], dtype=torch.float64),
+                     torch.zeros(6, dtype=torch.float64))
+    weights = table.all_weights()
+    assert float(weights.min()) == -1.0 and float(weights.max()) == 3.0  # clipped both ways
+    assert float(weights.mean()) != pytest.approx(1.0)  # not renormalised
+    assert torch.equal(table.weights(torch.tensor([5, 0])), weights[torch.tensor([5, 0])])
+    assert "--instance_recipe" in InstanceWeights(6, lr=1.0).incompatibility(table.state_dict())

@@ -30,6 +30,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+RECIPES = ("softplus", "clipped")
+CLIP = (-1.0, 3.0)  # DreamPRM-1.5's range for its unnormalised table
 CHUNK = 1 << 20  # rows per pass of the O(table) reports: bounded temporaries at any table size
 
 
@@ -45,13 +47,19 @@ def store_row_means(cache: torch.Tensor, rows: torch.Tensor, values: torch.Tenso
 
 
 class InstanceWeights:
-    """The replicated table of per-record logits (float32) and its normaliser."""
+    """The replicated table of per-record logits (float32) and its normaliser.
 
-    def __init__(self, num_records: int, lr: float):
+    `recipe` 'clipped' is DreamPRM-1.5's table, kept as a baseline (`--instance_recipe clipped`): the
+    table holds the weights themselves, u_i = a_i (start 1, no normaliser, ∂u_i/∂a_i = 1), and each
+    step is clipped to [-1, 3]; the step size is the same RMS-normalised one."""
+
+    def __init__(self, num_records: int, lr: float, recipe: str = "softplus"):
         if num_records < 1:
             raise ValueError(f"instance weights need at least one record, got {num_records}")
-        self.lr = lr
-        self.logits = torch.zeros(num_records, dtype=torch.float32)
+        if recipe not in RECIPES:
+            raise ValueError(f"--instance_recipe: unknown recipe {recipe!r}; choose one of {list(RECIPES)}")
+        self.lr, self.recipe = lr, recipe
+        self.logits = torch.zeros(num_records, dtype=torch.float32) if recipe == "softplus" else torch.ones(num_records)
         self.softplus_sum = num_records * math.log(2.0)  # Σ softplus(a_j), float64 (a Python float)
         self.updates = 0
         # ℓ_i at the record's last visit by an upper step (NaN: never), for the loss-ranking baseline of
@@ -68,10 +76,14 @@ class InstanceWeights:
     def weights(self, rows: torch.Tensor) -> torch.Tensor:
         """u_i for the given rows (float32, on the rows' device)."""
         a = self.logits[rows.cpu()]
+        if self.recipe == "clipped":
+            return a.clone().to(rows.device)
         return (F.softplus(a.double()) / self.mean_softplus).float().to(rows.device)
 
     def all_weights(self) -> torch.Tensor:
         """Every record's weight (float32): O(table); for reports, not for the training loop."""
+        if self.recipe == "clipped":
+            return self.logits.clone()
         out = torch.empty_like(self.logits)
         for start in range(0, len(self), CHUNK):  # float64 temporaries of one chunk at a time
             out[start:start + CHUNK] = F.softplus(self.logits[start:start + CHUNK].double()) / self.mean_softplus
@@ -79,6 +91,8 @@ class InstanceWeights:
 
     def logit_gradient(self, rows: torch.Tensor, dloss_dweights: torch.Tensor) -> torch.Tensor:
         """∂L/∂a_i = (∂u_i/∂a_i) ∂L/∂u_i for the given rows, the normaliser held fixed (float64)."""
+        if self.recipe == "clipped":
+            return dloss_dweights.cpu().double().clone()
         a = self.logits[rows.cpu()].double()
         return torch.sigmoid(a) / self.mean_softplus * dloss_dweights.cpu().double()
 
@@ -92,7 +106,10 @@ class InstanceWeights:
         if not rms > 0:
             return {"rows": float(unique.numel()), "rms": rms}
         old = self.logits[unique].double()
-        new = (old - self.lr * g / rms).float().double()  # the value the float32 table will hold
+        new = old - self.lr * g / rms
+        if self.recipe == "clipped":
+            new = new.clamp(*CLIP)
+        new = new.float().double()  # the value the float32 table will hold
         self.softplus_sum += float((F.softplus(new) - F.softplus(old)).sum())
         self.logits[unique] = new.float()
         self.updates += 1
@@ -111,6 +128,8 @@ class InstanceWeights:
         """Why a checkpoint's instance state cannot be loaded here, or None."""
         if state.get("kind", "table") != "table":
             return "instance weights: the checkpoint holds an instance net, this run a per-record table"
+        if state.get("recipe", "softplus") != self.recipe:
+            return f"--instance_recipe: checkpoint {state.get('recipe', 'softplus')} vs now {self.recipe}"
         if state["logits"].numel() != len(self):
             return f"instance weights: checkpoint {state['logits'].numel()} records vs {len(self)} in the training file"
         return None
@@ -124,7 +143,7 @@ class InstanceWeights:
         return total
 
     def state_dict(self) -> dict[str, Any]:
-        return {"kind": "table", "logits": self.logits.clone(),
+        return {"kind": "table", "recipe": self.recipe, "logits": self.logits.clone(),
                 "softplus_sum": torch.tensor(self.softplus_sum, dtype=torch.float64), "updates": self.updates,
                 "loss": self.loss.clone()}
 
