@@ -107,20 +107,22 @@ def test_per_record_derivatives_match_the_fp64_reference_on_two_ranks(tiny_model
     assert result["net_hypergradient_cosine_vs_reference"] >= 0.999, result
 
 
-def _instance_run(tiny_model, out, *extra):
-    return small_run_args(tiny_model, out, "--weighting", "instance", "--hypergrad", "fd", "--batch_size", "4",
+def _instance_run(tiny_model, out, weighting, *extra):
+    return small_run_args(tiny_model, out, "--weighting", weighting, "--hypergrad", "fd", "--batch_size", "4",
                           "--meta_batch_size", "2", "--unroll_steps", "2", "--weight_check_every", "1", *extra)
 
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_two_ranks_train_report_and_resume_instance_weights_exactly(tiny_model, tmp_path):
+@pytest.mark.parametrize("weighting", ["instance", "instance_net"])
+def test_two_ranks_train_report_and_resume_instance_weights_exactly(tiny_model, tmp_path, weighting):
     straight = tmp_path / "straight"
-    run_train(_instance_run(tiny_model, straight, "--iteration_num", "8", "--save_every_iterations", "4"), nproc=2)
+    run_train(_instance_run(tiny_model, straight, weighting, "--iteration_num", "8", "--save_every_iterations", "4"),
+              nproc=2)
     resumed = tmp_path / "resumed"
-    run_train(_instance_run(tiny_model, resumed, "--iteration_num", "4", "--save_every_iterations", "4",
+    run_train(_instance_run(tiny_model, resumed, weighting, "--iteration_num", "4", "--save_every_iterations", "4",
                             "--no-export"), nproc=2)
-    run_train(_instance_run(tiny_model, resumed, "--iteration_num", "8", "--save_every_iterations", "4",
+    run_train(_instance_run(tiny_model, resumed, weighting, "--iteration_num", "8", "--save_every_iterations", "4",
                             "--resume", "auto"), nproc=2)
 
     records = json.loads((REPO / "data" / "demo" / "train.json").read_text())
@@ -134,12 +136,15 @@ def test_two_ranks_train_report_and_resume_instance_weights_exactly(tiny_model, 
         r = records[x["record"]]
         assert (x["id"], x["sid"], x["domain"]) == (r["id"], r["sid"], r["dataset"])
         assert x["file"].endswith("train.json")
+    # The loss-ranking baseline: every record an upper step visited has its last measured loss.
+    assert sum(x["loss"] is not None for x in lines) >= 16 and all(x["loss"] is None or x["loss"] >= 0 for x in lines)
     # Resumed mid-run (after the 2nd upper step): the same table and the same PRM, bit for bit.
     assert (resumed / "instance_weights.jsonl").read_text() == (straight / "instance_weights.jsonl").read_text()
     a, b = exported_tensors(straight / "export"), exported_tensors(resumed / "export")
     assert all(torch.equal(a[k], b[k]) for k in a)
     state = torch.load(straight / "checkpoints" / "step_00000008" / "trainer_state.pt", weights_only=True)
-    assert state["instance_weights"]["logits"].numel() == len(records)
+    saved = state["instance_weights"]
+    assert (saved["logits"].numel() if weighting == "instance" else saved["records"]) == len(records)
     # TensorBoard: one histogram of the weights per domain.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(str(straight / "tb"), size_guidance={"histograms": 0})
