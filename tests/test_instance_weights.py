@@ -165,10 +165,10 @@ def instance_probe(request, tiny_model, tmp_path_factory):
     flags = small_run_args(tiny_model, out / "run", "--weighting", request.param, "--hypergrad", "fd",
                            "--fd_radius", "1e-3", "--batch_size", "4", "--meta_batch_size", "2",
                            "--gradient_accumulation", "2", "--unroll_steps", "2", "--meta_warmup_steps", "2",
-                           "--instance_net_lr", "0.2", "--iteration_num", "50",
+                           "--instance_net_lr", "0.2", "--iteration_num", "50", "--max_bad_steps", "2",
                            # The runtime guard off: the test compares the ranks' states itself.
                            "--weight_check_every", "1000")
-    cmd = launch_command(PROBE, [str(out), "warmup,lower_instance,instance_upper", *flags], 2)
+    cmd = launch_command(PROBE, [str(out), "warmup,lower_instance,instance_upper,bad_upper", *flags], 2)
     proc = subprocess.run(cmd, cwd=REPO, env=base_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
     return {"weighting": request.param, "ranks": [read_json(out / f"rank_{r}.json") for r in range(2)],
@@ -225,3 +225,14 @@ def test_the_clipped_recipe_holds_unnormalised_weights_within_minus_one_and_thre
     assert float(weights.mean()) != pytest.approx(1.0)  # not renormalised
     assert torch.equal(table.weights(torch.tensor([5, 0])), weights[torch.tensor([5, 0])])
     assert "--instance_recipe" in InstanceWeights(6, lr=1.0).incompatibility(table.state_dict())
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_a_nan_meta_loss_skips_the_instance_update_on_every_rank(instance_probe):
+    # NaN in rank 0's meta loss: ε is not finite, every record's d_i is NaN; nothing is applied and
+    # --max_bad_steps 2 such upper steps in a row stop the run.
+    for rank in instance_probe["ranks"]:
+        bad = rank["bad_upper"]
+        assert bad["raised"] and "2 non-finite upper-level updates in a row" in bad["raised"], bad
+        assert bad["instance_unchanged"] and bad["logits_unchanged"], bad

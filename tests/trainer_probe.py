@@ -235,6 +235,7 @@ def probe_instance_upper(trainer, record: dict, saved: dict) -> None:
                                 "records": [int(r) for b in batches for r in b["record"]]}
     saved["instance_state"] = trainer.instance_weights.state_dict()
     saved["instance_weights"] = after
+    saved["train_batches"] = [{k: v.cpu() if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
 
 
 def probe_warmup(trainer, record: dict) -> None:
@@ -269,6 +270,7 @@ def probe_bad_upper(trainer, record: dict, saved: dict) -> None:
     first = trainer.state.upper_steps + 1
     install({"lower": set(), "upper": set(range(first, first + limit))})
     before = trainer.domain_weights.logits.detach().clone()
+    instance_before = None if trainer.instance_weights is None else trainer.instance_weights.all_weights()
     batches = [trainer.engine.to_device(b) for b in saved["train_batches"]]
     out = {"raised": None, "calls": 0}
     for _ in range(limit):
@@ -280,6 +282,8 @@ def probe_bad_upper(trainer, record: dict, saved: dict) -> None:
             break
     out["logits_unchanged"] = bool(torch.equal(before, trainer.domain_weights.logits.detach()))
     out["skipped_upper"] = trainer.state.skipped_upper
+    if instance_before is not None:
+        out["instance_unchanged"] = bool(torch.equal(instance_before, trainer.instance_weights.all_weights()))
     record["bad_upper"] = out
 
 

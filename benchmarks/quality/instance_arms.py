@@ -71,11 +71,14 @@ def main(argv: list[str] | None = None) -> dict:
     q = quality.parse_args(["--tasks", args.task, "--seeds", str(args.seed), "--out", args.out, *rest])
     root = Path(args.out)
     task = root / args.task / "task"
-    make_task.make_task(task, q.task_seed, q.chains_per_domain, q.meta, q.test, inverted_size=q.inverted_size,
-                        task=args.task)
+    # Made once: runs of another invocation may be reading the task's images.
+    if not (task / "corrupted.json").exists():
+        make_task.make_task(task, q.task_seed, q.chains_per_domain, q.meta, q.test, inverted_size=q.inverted_size,
+                            task=args.task)
     from dreamprm.model.tiny import build_tiny_qwen2vl
-    model = build_tiny_qwen2vl(root / "models" / f"tiny-s{args.seed}", seed=args.seed, hidden_size=q.hidden_size,
-                               num_layers=q.num_layers)
+    model = root / "models" / f"tiny-s{args.seed}"
+    if not (model / "config.json").exists():
+        build_tiny_qwen2vl(model, seed=args.seed, hidden_size=q.hidden_size, num_layers=q.num_layers)
     logs = root / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     tag = f"{args.task}-s{args.seed}"

@@ -159,7 +159,10 @@ def finite_difference(engine: Any, v: list[torch.Tensor], train_batches: list[di
     global_count = engine.info.world_size * sum(b["target"].numel() for b in train_batches)
     if not math.isfinite(epsilon):
         nan = torch.full((num_domains,), float("nan"), dtype=torch.float64)
-        return nan, [torch.full_like(b["target"], float("nan"), dtype=torch.float64) for b in train_batches], epsilon
+        per_record = [torch.full_like(b["target"], float("nan"), dtype=torch.float64) for b in train_batches]
+        if at_theta is not None:
+            at_theta.extend(per_record)
+        return nan, per_record, epsilon
     snapshot = engine.master_params_snapshot()
     direction = engine.full_gradients_for_edit(v)
     losses: dict[float, list[torch.Tensor]] = {}
