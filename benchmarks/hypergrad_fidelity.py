@@ -30,14 +30,18 @@ from benchmarks.fp64_reference import Float64Reference  # noqa: E402
 from dreamprm.bilevel import hypergradient as hg  # noqa: E402
 from dreamprm.bilevel.domain_weights import DomainWeights  # noqa: E402
 from dreamprm.bilevel.upper import domain_sums_at, exact_domain_dots, meta_gradient  # noqa: E402
-from dreamprm.config import DEMO_DIR, REPO_ROOT, TrainConfig, load_ds_config, resolve_ds_config  # noqa: E402
+from dreamprm.config import (DEMO_DIR, REPO_ROOT, UPPER_PRECISIONS, BilevelConfig, TrainConfig,  # noqa: E402
+                             load_ds_config, resolve_ds_config)
 from dreamprm.data.datasets import MetaDataset, PRMCollator, TrainDataset  # noqa: E402
+from dreamprm.data.packing import make_collator  # noqa: E402
 from dreamprm.data.records import domain_index, load_meta_records, load_train_records  # noqa: E402
 
 
 def fixed_batches(train_file: str, meta_file: str, processor, global_batch: int, meta_global: int,
-                  rank: int = 0, world: int = 1, max_per_domain: int | None = None):
-    """The first records of each domain in turn (so every domain is present), split across ranks."""
+                  rank: int = 0, world: int = 1, packing: str = "none"):
+    """The first records of each domain in turn (so every domain is present), split across ranks;
+    `packing` 'chain' packs each meta chain into one row (the trainer's default), 'none' one row per
+    prefix. The full (all-rank) batches, for the reference, are per-prefix."""
     train = load_train_records(train_file)
     domains = domain_index(train)
     by_domain = {d: [r for r in train if r.domain == d] for d in domains}
@@ -47,11 +51,11 @@ def fixed_batches(train_file: str, meta_file: str, processor, global_batch: int,
         picked.append(by_domain[d][i // len(domains)])
         i += 1
     meta = load_meta_records(meta_file)[:meta_global]
-    collate = PRMCollator(processor)
+    collate, local_collate = PRMCollator(processor), make_collator(processor, packing)
     per, mper = global_batch // world, meta_global // world
     train_set, meta_set = TrainDataset(picked, domains), MetaDataset(meta)
     local_train = collate([train_set[j] for j in range(rank * per, (rank + 1) * per)])
-    local_meta = collate([meta_set[j] for j in range(rank * mper, (rank + 1) * mper)])
+    local_meta = local_collate([meta_set[j] for j in range(rank * mper, (rank + 1) * mper)])
     full_train = collate([train_set[j] for j in range(global_batch)])
     full_meta = collate([meta_set[j] for j in range(meta_global)])
     return domains, local_train, local_meta, full_train, full_meta
@@ -108,9 +112,16 @@ def objective_grid(engine, info, args, model_dir, train, meta, full_train, full_
                 hyper = fp64_reference.hypergradient(torch.tensor(entry[name], dtype=torch.float64), logits)
                 entry[f"{name}_cosine"] = cosine(hyper, ref_hyper)
                 entry[f"{name}_rel_error"] = rel_error(torch.tensor(entry[name]), ref)
-            print(f"grid {objective:>9} {aggregation:>10}: cosine exact {entry['exact_cosine']:.6f} "
-                  f"fd {entry['fd_cosine']:.6f}", flush=True)
+                entry[f"{name}_signs_right"] = signs_agree(hyper, ref_hyper)
+            print(f"grid {objective:>9} {aggregation:>10}: exact cosine {entry['exact_cosine']:.6f} rel. error "
+                  f"{entry['exact_rel_error']:.2e} signs {entry['exact_signs_right']} | fd cosine "
+                  f"{entry['fd_cosine']:.6f}", flush=True)
     return grid
+
+
+def signs_agree(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Every component of the hypergradient moves its logit the reference's way."""
+    return bool((torch.sign(a.double()) == torch.sign(b.double())).all())
 
 
 def best_time(fn, repeats: int, device: torch.device):
@@ -127,7 +138,8 @@ def best_time(fn, repeats: int, device: torch.device):
     return value, best
 
 
-def fidelity_engine(reward_model: str, head: str, deepspeed_file: str, precision: str, global_batch: int, seed: int):
+def fidelity_engine(reward_model: str, head: str, deepspeed_file: str, precision: str, global_batch: int, seed: int,
+                    upper_precision: str):
     """(rank info, the PRM in a real DeepSpeed engine, its processor, the model folder) for these scripts."""
     from dreamprm.build import PRECISIONS, resolve_reward_model
     from dreamprm.distributed.engine import DistributedEngine, init_distributed, partitioned_construction
@@ -143,7 +155,8 @@ def fidelity_engine(reward_model: str, head: str, deepspeed_file: str, precision
                            on_gpu=info.device.type == "cuda")
     with partitioned_construction(ds):
         model = build_prm(model_dir, head, seed=seed, dtype=PRECISIONS[precision])
-    return info, DistributedEngine(model, ds, info), load_processor(model_dir), model_dir
+    return (info, DistributedEngine(model, ds, info, upper_precision=upper_precision), load_processor(model_dir),
+            model_dir)
 
 
 def add_model_and_data_args(p: argparse.ArgumentParser) -> None:
@@ -153,6 +166,8 @@ def add_model_and_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train_json_file", default=str(DEMO_DIR / "train.json"))
     p.add_argument("--meta_json_file", default=str(DEMO_DIR / "meta.json"))
     p.add_argument("--deepspeed", default=str(REPO_ROOT / "ds_configs" / "zero3.json"))
+    p.add_argument("--upper_precision", default=BilevelConfig.upper_precision, choices=UPPER_PRECISIONS,
+                   help="arithmetic of the meta-gradient and exact's passes (launch/train.py's flag)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -163,6 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--meta_global", type=int, default=4)
     p.add_argument("--radii", default="1e-2,1e-3,1e-4")
     p.add_argument("--meta_loss", default="mse", choices=("mse", "pairwise"))
+    p.add_argument("--packing", default="none", choices=("none", "chain"), help="meta chains per prefix or packed")
     p.add_argument("--aggregation", default="mean_logit",
                    choices=("mean_logit", "mean", "min", "max", "product", "last"))
     p.add_argument("--seed", type=int, default=1)
@@ -176,10 +192,11 @@ def main(argv: list[str] | None = None) -> None:
     from dreamprm.distributed.engine import shutdown
 
     info, engine, processor, model_dir = fidelity_engine(args.reward_model, args.head, args.deepspeed, args.precision,
-                                                         args.global_batch, args.seed)
+                                                         args.global_batch, args.seed, args.upper_precision)
     world = info.world_size
     domains, train, meta, full_train, full_meta = fixed_batches(
-        args.train_json_file, args.meta_json_file, processor, args.global_batch, args.meta_global, info.rank, world)
+        args.train_json_file, args.meta_json_file, processor, args.global_batch, args.meta_global, info.rank, world,
+        args.packing)
     k = len(domains)
     train, meta = engine.to_device(train), engine.to_device(meta)
 
@@ -213,7 +230,8 @@ def main(argv: list[str] | None = None) -> None:
     for entry in results.values():
         entry["hypergradient"] = hg.hypergradient(torch.tensor(entry["directional"], dtype=torch.float64),
                                                   weights.logit_gradient).tolist()
-    summary = {"world_size": world, "precision": args.precision, "domains": domains, "v_norm": v_norm,
+    summary = {"world_size": world, "precision": args.precision, "upper_precision": args.upper_precision,
+               "packing": args.packing, "meta_loss_name": args.meta_loss, "domains": domains, "v_norm": v_norm,
                "meta_loss": meta_value, "meta_gradient_seconds": t_v, "estimators": results,
                "device": torch.cuda.get_device_name() if info.device.type == "cuda" else "cpu"}
     if args.reference and info.rank == 0:
@@ -227,6 +245,7 @@ def main(argv: list[str] | None = None) -> None:
             hyper = torch.tensor(entry["hypergradient"], dtype=torch.float64)
             entry["cosine_vs_reference"] = cosine(hyper, ref_hyper)
             entry["rel_error_vs_reference"] = rel_error(torch.tensor(entry["directional"]), ref)
+            entry["signs_right"] = signs_agree(hyper, ref_hyper)
     if args.grid:
         summary["grid"] = objective_grid(engine, info, args, model_dir, train, meta, full_train, full_meta, k,
                                          min(float(x) for x in args.radii.split(",")))

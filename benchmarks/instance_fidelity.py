@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
     from dreamprm.distributed.engine import shutdown
 
     info, engine, processor, model_dir = fidelity_engine(args.reward_model, args.head, args.deepspeed, "fp32",
-                                                         args.global_batch, args.seed)
+                                                         args.global_batch, args.seed, args.upper_precision)
     world = info.world_size
     domains, train, meta, full_train, full_meta = fixed_batches(
         args.train_json_file, args.meta_json_file, processor, args.global_batch, args.meta_global, info.rank, world)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -19,7 +20,8 @@ from dreamprm.bilevel.domain_weights import DomainWeights
 from dreamprm.bilevel.instance_net import InstanceNet, RecordFeatures
 from dreamprm.bilevel.instance_weights import InstanceWeights
 from dreamprm.bilevel.meta_optimizer import build_meta_optimizer
-from dreamprm.config import REPO_ROOT, TINY_MODEL, ConfigError, TrainConfig, load_ds_config, resolve_ds_config
+from dreamprm.config import (REPO_ROOT, TINY_MODEL, ConfigError, TrainConfig, load_ds_config, numerics_warnings,
+                             resolve_ds_config)
 from dreamprm.data.datasets import MetaDataset, TrainDataset
 from dreamprm.data.packing import chain_units, group_chain_records, make_collator
 from dreamprm.data.records import (DataValidationError, ImageChecker, MetaRecord, TrainRecord, load_meta_records,
@@ -44,6 +46,9 @@ def deepspeed_config(config: TrainConfig, info: DistInfo) -> dict[str, Any]:
             f"--hypergrad fd needs --precision fp32: with {config.optim.precision} parameters the perturbation "
             "εv is mostly rounded away (measured: 23-88% error at 2B). Use --hypergrad exact (the default, "
             "ε-free, accurate in bf16) or --hypergrad fd_bf16_naive to reproduce the original.")
+    if info.rank == 0:  # before any model is loaded
+        for line in numerics_warnings(config):
+            print(f"warning: {line}", file=sys.stderr, flush=True)
     return ds_config
 
 
@@ -191,7 +196,7 @@ def engine(config: TrainConfig, ds_config: dict[str, Any], reward_model: str, in
     def step_lr(optimizer: torch.optim.Optimizer):
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=o.scheduler_step_size, gamma=o.scheduler_gamma)
 
-    return DistributedEngine(model, ds_config, info, lr_scheduler=step_lr)
+    return DistributedEngine(model, ds_config, info, upper_precision=config.bilevel.upper_precision, lr_scheduler=step_lr)
 
 
 def upper_level(config: TrainConfig, domains: dict[str, int], train_records: list[TrainRecord]

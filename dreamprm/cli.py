@@ -39,3 +39,9 @@ def main_bestofn() -> None:
     """Console script `dreamprm-bestofn` (Best-of-N selection with an exported PRM, one process)."""
     from dreamprm.bestofn.run import main
     sys.exit(main(sys.argv[1:]))
+
+
+def main_label() -> None:
+    """Console script `dreamprm-label` (label a shard, merge shards, import VisualPRM-400K)."""
+    from dreamprm.labeling.run import main
+    sys.exit(main(sys.argv[1:]))

@@ -29,6 +29,7 @@ HYPERGRAD_METHODS = ("exact", "fd", "fd_bf16_naive")
 # `dreamprm.bilevel.aggregation.AGGREGATIONS` maps these names to the functions.
 AGGREGATIONS = ("mean_logit", "mean", "min", "max", "product", "last")
 META_LOSSES = ("pairwise", "mse")
+UPPER_PRECISIONS = ("fp32", "engine")
 META_OPTIMIZERS = ("gated", "adamw", "sgd")
 WEIGHTINGS = ("domain", "instance", "both", "instance_net", "both_net")
 INSTANCE_NET_FEATURES = ("mc", "gap", "position", "domain")  # dreamprm/bilevel/instance_net.py says what each is
@@ -103,6 +104,12 @@ class BilevelConfig:
     hypergrad: str = _f("exact", "hypergradient estimator: 'exact' (per-domain inner products, ε-free), "
                         "'fd' (central difference on fp32 parameters), 'fd_bf16_naive' (the original's)",
                         choices=HYPERGRAD_METHODS)
+    upper_precision: str = _f("fp32", "arithmetic of the upper level's passes (meta-gradient, exact's per-domain "
+                              "backward passes): 'fp32' on the engine's bf16/fp16 parameters as they are (the "
+                              "directional derivatives are small differences: in bf16 arithmetic the pairwise "
+                              "objective's were off by up to 63%, signs wrong; docs/hypergradient.md) or 'engine' "
+                              "(the engine's precision: faster, accurate for fp32 engines only)",
+                              choices=UPPER_PRECISIONS)
     fd_radius: float = _f(0.01, "finite difference: ε = fd_radius / ||v||")
     hypergrad_batches: str = _f("segment", "training micro-batches whose directional derivatives an upper step "
                                 "averages: 'segment' (every one of the segment; less noise, one pass each) or "
@@ -205,6 +212,24 @@ class TrainConfig:
         if self.run.device not in ("auto", "cuda", "cpu") and not self.run.device.startswith("cuda:"):
             raise ConfigError(f"--device: must be 'auto', 'cuda' or 'cpu', got {self.run.device!r}")
         return self
+
+
+def numerics_warnings(config: TrainConfig) -> list[str]:
+    """Combinations that run but give a hypergradient known to be wrong (docs/hypergradient.md's bf16
+    table), one line each, for the start of a run; `--precision` must be resolved (resolve_ds_config)."""
+    b, precision = config.bilevel, config.optim.precision
+    if b.baseline or precision == "fp32":
+        return []
+    lines = []
+    if b.hypergrad == "fd_bf16_naive":
+        lines.append(f"--hypergrad fd_bf16_naive on {precision} parameters is the original's finite difference: "
+                     "its perturbation is mostly rounded away (measured 9-53% off, signs wrong in places); "
+                     "kept for comparison: use --hypergrad exact")
+    elif b.upper_precision == "engine" and b.meta_loss == "pairwise":
+        lines.append(f"--upper_precision engine with --precision {precision} and --meta_loss pairwise: the "
+                     "directional derivatives are off by up to 63% with wrong signs (docs/hypergradient.md); "
+                     "use --upper_precision fp32 (the default)")
+    return lines
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -198,6 +198,36 @@ def disk_table(rows: list[DiskRow], keep_last: int) -> str:
     return "\n".join(out)
 
 
+def upper_fp32_extra(model: str, tokens: int) -> dict[str, float]:
+    """Extra GPU memory (GiB) of the upper level's passes in fp32 arithmetic (--upper_precision fp32,
+    dreamprm/model/precision.py) over the same passes in bf16, for one pass over `tokens` tokens.
+
+    An estimate from the layer shapes, not a measurement: per token and decoder layer a backward
+    keeps about 6h + 2·kv + 4·i activations (norm outputs, q/k/v, attention output, o-proj input; the
+    MLP's gate, up, activation and product), i the MLP width; fp32 doubles their 2 bytes. With
+    --gradient_checkpointing only each layer's input (h) is kept, plus one layer's activations while
+    it is recomputed. The embedding table's gradient is summed in fp32: 2 more bytes per entry while
+    it exists. Weights stay bf16 (never an fp32 copy)."""
+    s = QWEN2_VL[model]
+    h, i, layers = s["hidden_size"], s["intermediate_size"], s["num_hidden_layers"]
+    kv = s["num_key_value_heads"] * (h // s["num_attention_heads"])
+    per_layer = 6 * h + 2 * kv + 4 * i  # activations kept per token and layer
+    extra_bytes = 2  # fp32 over bf16
+    return {"no_checkpointing": tokens * layers * per_layer * extra_bytes / GIB,
+            "checkpointing": tokens * (layers * h + per_layer) * extra_bytes / GIB,
+            "embedding_gradient": s["vocab_size"] * h * extra_bytes / GIB}
+
+
+def upper_fp32_table(tokens: int) -> str:
+    lines = [f"| model | + per pass of {tokens:,} tokens | with --gradient_checkpointing | + embedding gradient (transient) |",
+             "|---|---:|---:|---:|"]
+    for m in sorted(QWEN2_VL):
+        e = upper_fp32_extra(m, tokens)
+        lines.append(f"| {QWEN2_VL[m]['name']} | {e['no_checkpointing']:.1f} GiB | {e['checkpointing']:.2f} GiB "
+                     f"| {e['embedding_gradient']:.2f} GiB |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="launch/estimate_memory.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=sorted(QWEN2_VL), help="default: every default setup")
@@ -210,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="also compare the meta-device count with the closed form")
     p.add_argument("--keep_last", type=int, default=RunConfig.keep_last,
                    help="the trainer's --keep_last, for the disk a run needs")
+    p.add_argument("--upper_tokens", type=int, default=8192,
+                   help="tokens of the largest upper-level pass per rank (the packed meta batch), for the cost "
+                        "of --upper_precision fp32")
     args = p.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # only the estimator is used; no device probe
 
@@ -260,6 +293,10 @@ def main(argv: list[str] | None = None) -> int:
     print("\nDisk: one checkpoint (ZeRO-3, fp32 master weights + AdamW moments) and what a run needs:"
           if not args.markdown else "")
     print(disk_table(disk, args.keep_last))
+    if not args.markdown:
+        print("\nUpper level in fp32 arithmetic (--upper_precision fp32, the default with bf16): extra activation "
+              "memory per rank over bf16 passes (an estimate from the layer shapes):")
+        print(upper_fp32_table(args.upper_tokens))
     return 0
 
 

@@ -77,7 +77,7 @@ def main() -> None:
         for mode in layouts:
             with partitioned_construction(ds):
                 model = build_prm(model_dir, head, seed=5)
-            engines[mode] = engine = DistributedEngine(model, ds, info)
+            engines[mode] = engine = DistributedEngine(model, ds, info, upper_precision="fp32")
             with torch.no_grad():
                 scores[mode] = {k: engine.forward({n: v for n, v in b.items() if n in INPUTS})
                                 for k, b in batches[mode].items()}

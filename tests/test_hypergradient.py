@@ -48,7 +48,8 @@ def cosine(d, ref: torch.Tensor) -> float:
 def one_rank_runs(tiny_model, tmp_path_factory) -> dict[str, dict]:
     """The benchmark on one rank in fp32 and in bf16, both at once (one thread each)."""
     out = tmp_path_factory.mktemp("h")
-    flags = {"fp32": [], "bf16": ["--precision", "bf16"]}
+    # bf16 with --grid: exact (and the naive finite difference) under every objective x aggregation.
+    flags = {"fp32": [], "bf16": ["--precision", "bf16", "--grid"]}
     with ThreadPoolExecutor(max_workers=2) as pool:
         results = pool.map(lambda name: fidelity(tiny_model, out / f"{name}.json", 1, "--radii", "1e-2,1e-3",
                                                  *flags[name]), flags)
@@ -103,17 +104,35 @@ def test_two_zero3_ranks_give_the_one_rank_hypergradient(tiny_model, tmp_path, f
         assert rel_error(b.tolist(), fidelity_reference[DEFAULT]) < limit, name
 
 
+def signs_right(d, ref: torch.Tensor) -> bool:
+    """Every component of the hypergradient -J^T d has the reference's sign."""
+    mine = fp64_reference.hypergradient(torch.tensor(d, dtype=torch.float64), A0)
+    return bool(torch.equal(torch.sign(mine), torch.sign(fp64_reference.hypergradient(ref, A0))))
+
+
 @pytest.mark.slow
-def test_in_bf16_exact_stays_accurate_while_the_naive_finite_difference_does_not(one_rank_runs, fidelity_reference):
+def test_in_bf16_exact_matches_the_reference_under_every_objective(one_rank_runs, fidelity_reference):
+    """bf16 parameters, the upper level's passes in fp32 arithmetic (the default): within 5% with every
+    sign right for both meta objectives and every aggregation (docs/hypergradient.md's bf16 table:
+    measured ≤ 0.3%; in bf16 arithmetic pairwise was off by up to 63%, signs wrong)."""
+    result = one_rank_runs["bf16"]
+    assert result["precision"] == "bf16" and result["upper_precision"] == "fp32"
+    assert {tuple(name.split("/")) for name in result["grid"]} == set(fidelity_reference)
+    for name, entry in result["grid"].items():
+        reference = fidelity_reference[tuple(name.split("/"))]
+        assert rel_error(entry["exact"], reference) < 0.05, (name, entry["exact"], reference)
+        assert signs_right(entry["exact"], reference), (name, entry["exact"], reference)
+        assert cosine(entry["exact"], reference) > 0.999, name
+
+
+@pytest.mark.slow
+def test_in_bf16_the_naive_finite_difference_is_off(one_rank_runs, fidelity_reference):
     result = one_rank_runs["bf16"]
     reference = fidelity_reference[DEFAULT]
-    exact = result["estimators"]["exact"]["directional"]
-    # README: "in bf16, exact stays within 2%"; docs' table: 0.0195 on these batches.
-    assert rel_error(exact, reference) < 0.02, exact
-    assert cosine(exact, reference) > 1 - 1e-4, exact
-    for radius, low in (("0.01", 0.11), ("0.001", 0.11)):
+    for radius, low in (("0.01", 0.05), ("0.001", 0.11)):
         naive = result["estimators"][f"fd_bf16_naive@{radius}"]["directional"]
-        # εv is mostly rounded away on bf16 parameters (README: 11-103% depending on the radius).
+        # εv is mostly rounded away on bf16 parameters, even with the forwards in fp32 arithmetic
+        # (docs/hypergradient.md: 9.5% at r = 1e-2, 53% at r = 1e-3 on these batches).
         assert low < rel_error(naive, reference) < 1.03, (radius, naive)
 
 

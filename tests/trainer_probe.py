@@ -97,7 +97,7 @@ def probe_upper(trainer, record: dict, saved: dict) -> None:
     (result,) = results
     record["upper"] = {
         "directional": result.directional.tolist(), "hypergradient": result.hypergradient.tolist(),
-        "epsilon": result.epsilon, "applied": result.applied, "logits_before": FIXED_LOGITS[:k],
+        "epsilon": result.epsilon, "v_norm": result.v_norm, "applied": result.applied, "logits_before": FIXED_LOGITS[:k],
         "parameters_restored_bit_exactly": all(torch.equal(a, b) for a, b in zip(before, after)),
         "parameter_tensors_compared": len(before),
         "scores_equal_after": bool(torch.equal(scores_before, scores_after)),

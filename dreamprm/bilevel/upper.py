@@ -41,7 +41,7 @@ class UpperResult:
 
 def upper_step(engine: Any, weights: DomainWeights, meta_optimizer: torch.optim.Optimizer,
                meta_batch: dict[str, torch.Tensor], train_batches: list[dict[str, torch.Tensor]], *,
-               method: str, radius: float, aggregation: str, objective: str = "mse", geometry: str = "sgd",
+               method: str, radius: float, aggregation: str, objective: str, geometry: str = "sgd",
                instance_weights: InstanceWeights | InstanceNet | None = None,
                update_domains: bool = True) -> UpperResult:
     """One upper step. `train_batches`: the micro-batches whose d_k are averaged (the segment's, or
@@ -92,7 +92,7 @@ def upper_step(engine: Any, weights: DomainWeights, meta_optimizer: torch.optim.
                        v_norm=v_norm, epsilon=epsilon, applied=applied, instance=instance_summary)
 
 
-def meta_gradient(engine: Any, meta_batch: dict[str, torch.Tensor], aggregation: str, objective: str = "mse"
+def meta_gradient(engine: Any, meta_batch: dict[str, torch.Tensor], aggregation: str, objective: str
                   ) -> tuple[list[torch.Tensor], float]:
     """v = ∂L_meta/∂θ (this rank's owned elements) and the global meta loss.
 
@@ -101,7 +101,7 @@ def meta_gradient(engine: Any, meta_batch: dict[str, torch.Tensor], aggregation:
     computed identically on every rank, and each rank back-propagates ⟨g_local, z_local⟩ through
     its own chains. Scaled by the world size, DeepSpeed's gradient averaging then gives ∂L/∂θ.
     """
-    logits = engine.forward(model_inputs(meta_batch))
+    logits = engine.upper_forward(model_inputs(meta_batch))
     labels = meta_batch["target"].float()
     chain_logits = aggregate_logits(aggregation, logits.float(), meta_batch["item_index"], labels.numel())
     gathered = engine.all_gather(torch.stack([chain_logits.detach(), labels], dim=1).double())
@@ -137,7 +137,7 @@ def exact_domain_dots(engine: Any, batch: dict[str, torch.Tensor], v: list[torch
         if rows.numel() == 0:
             rows, scale = torch.zeros(1, dtype=torch.long, device=batch["domain"].device), 0.0
         sub = select_rows(batch, rows)
-        logits = engine.forward(model_inputs(sub))
+        logits = engine.upper_forward(model_inputs(sub))
         loss = per_sample_mse(logits, sub["target"]).sum() * (scale / n_local)
         local[k] = engine.local_dot(engine.backward_without_step(loss), v)
     # DeepSpeed averages gradients over ranks: mean_r ∇(S_k^r/N_local) = ∇ S_k / N_global.
@@ -204,7 +204,7 @@ def instance_update(engine: Any, train_batches: list[dict[str, torch.Tensor]], p
 def per_sample_losses_at(engine: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """This rank's per-sample training losses at the current parameters (no-grad forward)."""
     with torch.no_grad():
-        logits = engine.forward(model_inputs(batch))
+        logits = engine.upper_forward(model_inputs(batch))
     return per_sample_mse(logits, batch["target"])
 
 

@@ -36,6 +36,8 @@ from deepspeed.accelerator import get_accelerator  # noqa: E402
 from deepspeed.utils import (safe_get_full_grad, safe_get_full_optimizer_state, safe_get_local_grad,  # noqa: E402
                              safe_get_local_optimizer_state)
 
+from dreamprm.model.precision import fp32_compute  # noqa: E402
+
 
 def _skip_cpu_shm_comm_op() -> None:
     # DeepSpeed's CPU backend JIT-builds a shared-memory all-reduce op at every start (25-48 s on
@@ -132,9 +134,10 @@ class _Owned:
 class DistributedEngine:
     """Wraps a DeepSpeed engine with what the bi-level trainer needs and nothing else."""
 
-    def __init__(self, model: nn.Module, ds_config: dict[str, Any], info: DistInfo,
+    def __init__(self, model: nn.Module, ds_config: dict[str, Any], info: DistInfo, *, upper_precision: str,
                  lr_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None):
         self.info = info
+        self.upper_precision = upper_precision  # --upper_precision: 'fp32' or 'engine' (see upper_forward)
         self.ds_config = ds_config
         self.stage = ds_config.get("zero_optimization", {}).get("stage", 0)
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -159,6 +162,14 @@ class DistributedEngine:
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.module_engine(**batch)
+
+    def upper_forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The forward of an upper-level pass: in fp32 arithmetic on 16-bit parameters unless
+        --upper_precision engine (dreamprm/model/precision.py says why and at what cost). Whatever
+        backward follows it is then fp32 too."""
+        upcast = self.upper_precision == "fp32" and self.compute_dtype != torch.float32
+        with fp32_compute(upcast):
+            return self.module_engine(**batch)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.module_engine.backward(loss)
