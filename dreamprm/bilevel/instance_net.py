@@ -39,6 +39,7 @@ and runs the same float operations, so φ stays identical across ranks (checked 
 """
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -46,7 +47,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from dreamprm.bilevel.instance_weights import CHUNK, store_row_means
-from dreamprm.config import INSTANCE_NET_FEATURES as FEATURES
 
 # M over the whole table up to this size, over a fixed subsample above: its relative error is about
 # (std/mean of the scores) / 128, and its inputs (0.7 MB) are kept, so an update costs the same at any size.
@@ -244,5 +244,4 @@ class InstanceNet:
 
 
 def _copy(net: nn.Module, dtype: torch.dtype) -> nn.Module:
-    import copy
     return copy.deepcopy(net).to(dtype)
