@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from dreamprm.bilevel.domain_weights import DomainWeights
+from dreamprm.bilevel.instance_net import InstanceNet, RecordFeatures
 from dreamprm.bilevel.instance_weights import InstanceWeights
 from dreamprm.bilevel.meta_optimizer import build_meta_optimizer
 from dreamprm.config import (REPO_ROOT, TINY_MODEL, ConfigError, TrainConfig, load_ds_config, numerics_warnings,
@@ -135,13 +136,19 @@ def engine(config: TrainConfig, ds_config: dict[str, Any], reward_model: str, in
     return DistributedEngine(model, ds_config, info, upper_precision=config.bilevel.upper_precision, lr_scheduler=step_lr)
 
 
-def upper_level(config: TrainConfig, domains: dict[str, int], num_records: int
-                ) -> tuple[DomainWeights, InstanceWeights | None, torch.optim.Optimizer]:
-    """The domain weights, the per-record table (--weighting instance/both) and the domain-logit optimiser."""
+def upper_level(config: TrainConfig, domains: dict[str, int], train_records: list[TrainRecord]
+                ) -> tuple[DomainWeights, InstanceWeights | InstanceNet | None, torch.optim.Optimizer]:
+    """The domain weights, the instance weights (--weighting instance/both: a per-record table;
+    instance_net/both_net: a net over record features) and the domain-logit optimiser."""
     b = config.bilevel
     domain_weights = DomainWeights(list(domains))
-    instance_weights = (InstanceWeights(num_records, b.instance_lr)
-                        if b.weighting != "domain" and not b.baseline else None)
+    instance_weights: InstanceWeights | InstanceNet | None = None
+    if b.weighting in ("instance", "both") and not b.baseline:
+        instance_weights = InstanceWeights(len(train_records), b.instance_lr, b.instance_recipe)
+    elif b.weighting in ("instance_net", "both_net") and not b.baseline:
+        names = tuple(x.strip() for x in b.instance_net_features.split(",") if x.strip())
+        instance_weights = InstanceNet(RecordFeatures.from_records(train_records, domains), names,
+                                       lr=b.instance_net_lr, seed=config.run.seed)
     optimizer = build_meta_optimizer(b.meta_optimizer, domain_weights.parameters(), lr=b.meta_lr,
                                      weight_decay=b.meta_weight_decay, beta=b.meta_beta,
                                      chance=META_LOSS_CHANCE[b.meta_loss] if b.meta_evidence > 0 else None,

@@ -32,7 +32,8 @@ AGGREGATIONS = ("mean_logit", "mean", "min", "max", "product", "last")
 META_LOSSES = ("pairwise", "mse")
 UPPER_PRECISIONS = ("fp32", "engine")
 META_OPTIMIZERS = ("gated", "adamw", "sgd")
-WEIGHTINGS = ("domain", "instance", "both")
+WEIGHTINGS = ("domain", "instance", "both", "instance_net", "both_net")
+INSTANCE_NET_FEATURES = ("mc", "gap", "position", "domain")  # dreamprm/bilevel/instance_net.py says what each is
 TRACKERS = ("tensorboard", "wandb", "mlflow")
 
 
@@ -129,11 +130,24 @@ class BilevelConfig:
                                  choices=("sgd", "adam"))
     weighting: str = _f("domain", "what the upper level weights: 'domain' (one weight per domain, DreamPRM), "
                         "'instance' (one per training record, DreamPRM-1.5; a report of the records it learned to "
-                        "distrust in instance_weights.jsonl) or 'both' (their product); instance weights need "
-                        "--hypergrad fd (all records' derivatives from the same two forwards)", choices=WEIGHTINGS)
+                        "distrust in instance_weights.jsonl), 'both' (their product), 'instance_net' (each "
+                        "record's weight from its features by a small replicated network, DreamPRM-1.5's Instance "
+                        "Net) or 'both_net' (domain x net); instance weights need --hypergrad fd (all records' "
+                        "derivatives from the same two forwards)", choices=WEIGHTINGS)
     instance_lr: float = _f(0.3, "--weighting instance/both: how far one visit moves a record's logit (the step is "
                             "instance_lr · g / rms(g), the RMS over the update's records)")
+    instance_recipe: str = _f("softplus", "--weighting instance/both: 'softplus' (weights softplus(a_i) normalised "
+                              "to mean 1 over the table) or 'clipped' (DreamPRM-1.5's recipe, a baseline: the table "
+                              "holds the weights, unnormalised, each clipped to [-1, 3])", choices=("softplus", "clipped"))
+    instance_net_lr: float = _f(0.01, "--weighting instance_net/both_net: Adam's learning rate of the net (its "
+                                "hypergradient is RMS-normalised over each update's records first)")
+    instance_net_features: str = _f("mc,gap,position,domain", "--weighting instance_net/both_net: the net's inputs, "
+                                    "a comma list of " + ", ".join(INSTANCE_NET_FEATURES) + " (mc: Monte Carlo "
+                                    "accuracy; gap: |accuracy - PRM prediction| at the last visit; position: step "
+                                    "index / last step of the chain; domain: one-hot)")
     weight_check_every: int = _f(10, "check every N upper steps that all ranks hold identical domain weights")
+    meta_warmup_steps: int = _f(0, "cold start: the first N lower-level steps are vanilla (every weight 1, no upper "
+                                "step); the upper level starts with the first segment that ends after step N")
 
 
 @dataclass
@@ -235,10 +249,13 @@ class TrainConfig:
         found += [f"--{name}: must be >= 1, got {value}" for name, value in positive.items() if value < 1]
         if not (math.isfinite(self.bilevel.meta_evidence) and self.bilevel.meta_evidence >= 0):
             found.append(f"--meta_evidence: must be a number >= 0, got {self.bilevel.meta_evidence}")
+        if self.bilevel.meta_warmup_steps < 0:
+            found.append(f"--meta_warmup_steps: must be >= 0, got {self.bilevel.meta_warmup_steps}")
         if not 0.0 <= self.bilevel.meta_beta < 1.0:
             found.append(f"--meta_beta: must be in [0, 1), got {self.bilevel.meta_beta}")
         for name, value in {"lr": self.optim.lr, "meta_lr": self.bilevel.meta_lr, "fd_radius": self.bilevel.fd_radius,
-                            "instance_lr": self.bilevel.instance_lr}.items():
+                            "instance_lr": self.bilevel.instance_lr,
+                            "instance_net_lr": self.bilevel.instance_net_lr}.items():
             if not (math.isfinite(value) and value > 0):
                 found.append(f"--{name}: must be a positive number, got {value}")
         for name, value in {"weight_decay": self.optim.weight_decay, "scheduler_gamma": self.optim.scheduler_gamma,
@@ -249,6 +266,10 @@ class TrainConfig:
             found.append(f"--weighting {self.bilevel.weighting} needs every record's directional derivative: "
                          "--hypergrad fd --precision fp32 gives all of them from the same two forwards "
                          "(--hypergrad exact would take one backward pass per record)")
+        names = [x.strip() for x in self.bilevel.instance_net_features.split(",") if x.strip()]
+        if not names or any(x not in INSTANCE_NET_FEATURES for x in names) or len(set(names)) != len(names):
+            found.append(f"--instance_net_features: {self.bilevel.instance_net_features!r} must name each of "
+                         f"{', '.join(INSTANCE_NET_FEATURES)} at most once (and at least one)")
         if self.data.num_workers < 0:
             found.append(f"--num_workers: must be >= 0, got {self.data.num_workers}")
         if self.run.keep_last < 0:

@@ -4,6 +4,7 @@ instance-weight report, and ``summary.md``, the run on one page."""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,10 +23,12 @@ def write_domain_weight_summary(folder: str | Path, weights: dict[str, float], l
     return json_path, png_path
 
 
-def write_instance_weight_report(folder: str | Path, train_file: str | Path, records: list, weights: list[float]
-                                 ) -> Path:
+def write_instance_weight_report(folder: str | Path, train_file: str | Path, records: list, weights: list[float],
+                                 losses: list[float] | None = None) -> Path:
     """``instance_weights.jsonl``: one line per training record, lowest weight first: the records the
-    upper level learned to distrust come first (a data-cleaning report; see the README)."""
+    upper level learned to distrust come first (a data-cleaning report; see the README). `losses`: the
+    record's training loss at its last visit by an upper step (null: never visited), the plain
+    loss-ranking baseline to compare the weights with."""
     path = Path(folder) / "instance_weights.jsonl"
     order = sorted(range(len(records)), key=lambda i: (weights[i], i))
     with open(path, "w", encoding="utf-8") as f:
@@ -33,7 +36,9 @@ def write_instance_weight_report(folder: str | Path, train_file: str | Path, rec
             r = records[i]
             f.write(json.dumps({"file": str(train_file), "record": int(r.source.rpartition("record ")[2]),
                                 "id": r.chain_id, "sid": r.step_index, "domain": r.domain,
-                                "weight": round(weights[i], 6)}) + "\n")
+                                "weight": round(weights[i], 6),
+                                **({} if losses is None else {"loss": None if math.isnan(losses[i]) else
+                                                              round(losses[i], 6)})}) + "\n")
     return path
 
 

@@ -115,7 +115,7 @@ class Trainer:
         self.eval_seconds = 0.0
         self.lower_loss = lower_loss(config.model.head, config.model.generative_loss)
         self.domain_weights, self.instance_weights, self.meta_optimizer = build.upper_level(
-            config, self.domains, len(self.train_records))
+            config, self.domains, self.train_records)
         self.state = TrainState()
         self.train_batches, self.meta_batches = build.batch_streams(
             config, info, self.processor, self.train_records, records.meta, self.domains, self.state.train,
@@ -213,9 +213,9 @@ class Trainer:
         if saved["domains"] != self.domains:
             differences.append(f"domains: checkpoint {saved['domains']} vs data {self.domains}")
         table = saved.get("instance_weights")
-        if self.instance_weights is not None and table is not None and table["logits"].numel() != len(self.train_records):
-            differences.append(f"instance weights: checkpoint {table['logits'].numel()} records vs "
-                               f"{len(self.train_records)} in {self.config.data.train_json_file}")
+        problem = None if self.instance_weights is None or table is None else self.instance_weights.incompatibility(table)
+        if problem:
+            differences.append(f"{problem} ({self.config.data.train_json_file})")
         # Model directories are recorded absolute; older checkpoints may hold a relative spelling.
         then = {**saved["identity"], "reward_model": os.path.abspath(saved["identity"]["reward_model"])}
         for key, now in self._identity().items():
@@ -285,7 +285,9 @@ class Trainer:
                     self.save_checkpoint()
                 if stop is not None:
                     return False, stop
-        if not bilevel.baseline:
+        # --meta_warmup_steps: the PRM first learns the task unweighted, so that the first
+        # hypergradients compare domains (and records) through a PRM that already scores them.
+        if not bilevel.baseline and self.state.step > bilevel.meta_warmup_steps:
             self.run_upper_step(kept)
         self.evaluate()
         if self.state.step % run.save_every_iterations == 0:
@@ -342,7 +344,8 @@ class Trainer:
         result = upper_step(self.engine, self.domain_weights, self.meta_optimizer, meta_batch, train_batches,
                             method=b.hypergrad, radius=b.fd_radius, aggregation=b.aggregation, objective=b.meta_loss,
                             geometry=b.hypergrad_geometry, instance_weights=self.instance_weights,
-                            update_domains=b.weighting != "instance", lower_loss=self.lower_loss)
+                            update_domains=b.weighting not in ("instance", "instance_net"),
+                            lower_loss=self.lower_loss)
         seconds = time.perf_counter() - started  # synchronised: the result came through all-reduces
         self.state.upper_steps += 1
         if result.applied:
@@ -520,8 +523,9 @@ class Trainer:
         if self.engine.is_main:
             write_domain_weight_summary(self.output, weights, self.domain_weights.logits.detach().tolist())
             if self.instance_weights is not None:
-                report = write_instance_weight_report(self.output, self.config.data.train_json_file,
-                                                      self.train_records, self.instance_weights.all_weights().tolist())
+                report = write_instance_weight_report(self.output, self.config.data.train_json_file, self.train_records,
+                                                      self.instance_weights.all_weights().tolist(),
+                                                      self.instance_weights.last_losses().tolist())
                 self.logger.info(f"instance weights of {len(self.train_records)} records, lowest first: {report}")
         last_step, export_step = self.state.step, None
         if self.config.run.export:

@@ -18,6 +18,11 @@ and record what its methods compute (tests/test_trainer_paths.py checks the reco
   on fixed micro-batches (--gradient_accumulation of them); the gradient the engine holds when the
   trainer calls the optimiser step is captured and compared with sum_m sum_k w_k ∂(S_mk/n_m)/∂θ / M,
   each domain's gradient taken by its own backward pass of a loss written here.
+* ``lower_instance`` (--weighting both/both_net): as ``lower``, with a non-uniform instance table or net
+  (one `update` from a fixed signal): the captured gradient against sum_i w_k(i) u_i ∂ℓ_i/∂θ, u_i from
+  `all_weights()`.
+* ``instance_upper``: two `run_upper_step`s; each rank saves its instance state (the test compares them).
+* ``warmup``: three segments of `Trainer.train_segment` from step 0 (with --meta_warmup_steps).
 * ``checksum``: rank 1's domain logits nudged by 1e-6; `run_upper_step` (with
   --weight_check_every 1) must raise on every rank.
 * ``bad_upper``: a NaN in the meta loss of rank 0 at the next --max_bad_steps upper steps
@@ -160,6 +165,88 @@ def probe_lower(trainer, record: dict) -> None:
     }
 
 
+def fixed_instance_state(trainer) -> None:
+    """Non-uniform instance weights, the same on every rank: one update of the table or the net, through
+    its own `update`, from a fixed signal over every record."""
+    rows = torch.arange(len(trainer.instance_weights))
+    trainer.instance_weights.update(rows, torch.cos(rows.double() * 1.7), (rows % 7).double() / 10.0)
+
+
+def probe_lower_instance(trainer, record: dict) -> None:
+    """One `Trainer.lower_step` with fixed domain weights and a non-uniform instance table or net: the
+    gradient at the optimiser step must be sum_m sum_i w_k(i) u_i ∂ℓ_i/∂θ / (n_m M), with u_i read from
+    `all_weights()` (the report's values) and the loss written here."""
+    from dreamprm.model.prm import model_inputs
+    engine, k = trainer.engine, len(trainer.domains)
+    fixed_instance_state(trainer)
+    table = trainer.instance_weights.all_weights().double()
+    micro = engine.gradient_accumulation_steps()
+    batches = [trainer.train_batches.next() for _ in range(micro)]
+    weights = torch.tensor(FIXED_WEIGHTS[1:k + 1], dtype=torch.float64)
+    weights *= k / float(weights.sum())
+
+    def gradient(per_sample_weight) -> torch.Tensor:
+        total = 0
+        for batch in batches:
+            device_batch = engine.to_device(batch)
+            logits = engine.forward(model_inputs(device_batch))
+            squared = (1.0 / (1.0 + torch.exp(-logits.float())) - device_batch["target"].float()) ** 2
+            factor = per_sample_weight(batch).float().to(squared.device)
+            total = total + flat(engine.backward_without_step((squared * factor).sum() / batch["target"].numel()))
+        return total / micro
+
+    expected = gradient(lambda b: weights[b["domain"]] * table[b["record"]])
+    domain_only = gradient(lambda b: weights[b["domain"]])
+    captured = []
+    real_step = engine.step
+
+    def capturing_step():
+        captured.append(flat(engine.owned_gradients()))
+        real_step()
+
+    stream = iter(batches)
+    trainer.train_batches.next = lambda: next(stream)
+    trainer.domain_weights.forward = lambda: weights.clone()
+    engine.step = capturing_step
+    try:
+        trainer.lower_step()
+    finally:
+        del engine.step, trainer.domain_weights.forward, trainer.train_batches.next
+    got = captured[-1]
+    sums = torch.stack([(got - expected).pow(2).sum(), expected.pow(2).sum(), (domain_only - expected).pow(2).sum()])
+    sums = engine.all_reduce_sum(sums.to(trainer.info.device)).cpu()
+    used = torch.cat([table[b["record"]] for b in batches])
+    record["lower_instance"] = {"rel_error": math.sqrt(sums[0] / sums[1]),
+                                "domain_only_vs_expected": math.sqrt(sums[2] / sums[1]),
+                                "instance_weights_used": used.tolist()}
+
+
+def probe_instance_upper(trainer, record: dict, saved: dict) -> None:
+    """Two `Trainer.run_upper_step`s with the instance table or net: each rank saves its own state, so
+    the test compares the ranks' states directly (not through the trainer's checksum guard)."""
+    fixed_instance_state(trainer)
+    batches = [trainer.engine.to_device(trainer.train_batches.next()) for _ in range(2)]
+    before = trainer.instance_weights.all_weights()
+    for _ in range(2):
+        trainer.run_upper_step(batches)
+    after = trainer.instance_weights.all_weights()
+    record["instance_upper"] = {"upper_steps": trainer.state.upper_steps,
+                                "records_moved": int((after != before).sum()),
+                                "records": [int(r) for b in batches for r in b["record"]]}
+    saved["instance_state"] = trainer.instance_weights.state_dict()
+    saved["instance_weights"] = after
+    saved["train_batches"] = [{k: v.cpu() if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
+
+
+def probe_warmup(trainer, record: dict) -> None:
+    """Segments of the real loop from step 0 under --meta_warmup_steps: upper steps counted after each."""
+    counts = []
+    for _ in range(3):
+        trainer.train_segment()
+        counts.append([trainer.state.step, trainer.state.upper_steps])
+    record["warmup"] = {"step_and_upper_steps": counts}
+
+
 def probe_checksum(trainer, record: dict, saved: dict) -> None:
     logits = trainer.domain_weights.logits
     keep = logits.detach().clone()
@@ -183,6 +270,7 @@ def probe_bad_upper(trainer, record: dict, saved: dict) -> None:
     first = trainer.state.upper_steps + 1
     install({"lower": set(), "upper": set(range(first, first + limit))})
     before = trainer.domain_weights.logits.detach().clone()
+    instance_before = None if trainer.instance_weights is None else trainer.instance_weights.all_weights()
     batches = [trainer.engine.to_device(b) for b in saved["train_batches"]]
     out = {"raised": None, "calls": 0}
     for _ in range(limit):
@@ -194,6 +282,8 @@ def probe_bad_upper(trainer, record: dict, saved: dict) -> None:
             break
     out["logits_unchanged"] = bool(torch.equal(before, trainer.domain_weights.logits.detach()))
     out["skipped_upper"] = trainer.state.skipped_upper
+    if instance_before is not None:
+        out["instance_unchanged"] = bool(torch.equal(instance_before, trainer.instance_weights.all_weights()))
     record["bad_upper"] = out
 
 
@@ -212,7 +302,10 @@ def main() -> int:
     for name in probes:
         {"upper": lambda: probe_upper(trainer, record, saved), "lower": lambda: probe_lower(trainer, record),
          "checksum": lambda: probe_checksum(trainer, record, saved),
-         "bad_upper": lambda: probe_bad_upper(trainer, record, saved)}[name]()
+         "bad_upper": lambda: probe_bad_upper(trainer, record, saved),
+         "lower_instance": lambda: probe_lower_instance(trainer, record),
+         "instance_upper": lambda: probe_instance_upper(trainer, record, saved),
+         "warmup": lambda: probe_warmup(trainer, record)}[name]()
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"rank_{info.rank}.json").write_text(json.dumps(record, indent=1))
     torch.save(saved, out_dir / f"rank_{info.rank}.pt")

@@ -1,4 +1,5 @@
 """Instance weights (`--weighting instance|both`): one logit per training record.
+(`instance_net.py`: the same interface, the weight computed from the record's features.)
 
     u_i = softplus(a_i) / M,   M = mean over the whole table of softplus(a_j)
 
@@ -29,18 +30,41 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+RECIPES = ("softplus", "clipped")
+CLIP = (-1.0, 3.0)  # DreamPRM-1.5's range for its unnormalised table
 CHUNK = 1 << 20  # rows per pass of the O(table) reports: bounded temporaries at any table size
 
-class InstanceWeights:
-    """The replicated table of per-record logits (float32) and its normaliser."""
 
-    def __init__(self, num_records: int, lr: float):
+def store_row_means(cache: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """cache[row] = mean of that row's values (rows may repeat); returns the previous values of the
+    unique rows (in `torch.unique` order), with the new ones at cache[torch.unique(rows)]."""
+    unique, where = torch.unique(rows, return_inverse=True)
+    total = torch.zeros(unique.numel(), dtype=torch.float64).index_add_(0, where, values.double())
+    count = torch.zeros(unique.numel(), dtype=torch.float64).index_add_(0, where, torch.ones_like(values.double()))
+    old = cache[unique].clone()
+    cache[unique] = (total / count).to(cache.dtype)
+    return old
+
+
+class InstanceWeights:
+    """The replicated table of per-record logits (float32) and its normaliser.
+
+    `recipe` 'clipped' is DreamPRM-1.5's table, kept as a baseline (`--instance_recipe clipped`): the
+    table holds the weights themselves, u_i = a_i (start 1, no normaliser, ∂u_i/∂a_i = 1), and each
+    step is clipped to [-1, 3]; the step size is the same RMS-normalised one."""
+
+    def __init__(self, num_records: int, lr: float, recipe: str = "softplus"):
         if num_records < 1:
             raise ValueError(f"instance weights need at least one record, got {num_records}")
-        self.lr = lr
-        self.logits = torch.zeros(num_records, dtype=torch.float32)
+        if recipe not in RECIPES:
+            raise ValueError(f"--instance_recipe: unknown recipe {recipe!r}; choose one of {list(RECIPES)}")
+        self.lr, self.recipe = lr, recipe
+        self.logits = torch.zeros(num_records, dtype=torch.float32) if recipe == "softplus" else torch.ones(num_records)
         self.softplus_sum = num_records * math.log(2.0)  # Σ softplus(a_j), float64 (a Python float)
         self.updates = 0
+        # ℓ_i at the record's last visit by an upper step (NaN: never), for the loss-ranking baseline of
+        # the report: 4 bytes per record.
+        self.loss = torch.full((num_records,), float("nan"), dtype=torch.float32)
 
     def __len__(self) -> int:
         return self.logits.numel()
@@ -52,10 +76,14 @@ class InstanceWeights:
     def weights(self, rows: torch.Tensor) -> torch.Tensor:
         """u_i for the given rows (float32, on the rows' device)."""
         a = self.logits[rows.cpu()]
+        if self.recipe == "clipped":
+            return a.clone().to(rows.device)
         return (F.softplus(a.double()) / self.mean_softplus).float().to(rows.device)
 
     def all_weights(self) -> torch.Tensor:
         """Every record's weight (float32): O(table); for reports, not for the training loop."""
+        if self.recipe == "clipped":
+            return self.logits.clone()
         out = torch.empty_like(self.logits)
         for start in range(0, len(self), CHUNK):  # float64 temporaries of one chunk at a time
             out[start:start + CHUNK] = F.softplus(self.logits[start:start + CHUNK].double()) / self.mean_softplus
@@ -63,6 +91,8 @@ class InstanceWeights:
 
     def logit_gradient(self, rows: torch.Tensor, dloss_dweights: torch.Tensor) -> torch.Tensor:
         """∂L/∂a_i = (∂u_i/∂a_i) ∂L/∂u_i for the given rows, the normaliser held fixed (float64)."""
+        if self.recipe == "clipped":
+            return dloss_dweights.cpu().double().clone()
         a = self.logits[rows.cpu()].double()
         return torch.sigmoid(a) / self.mean_softplus * dloss_dweights.cpu().double()
 
@@ -76,11 +106,33 @@ class InstanceWeights:
         if not rms > 0:
             return {"rows": float(unique.numel()), "rms": rms}
         old = self.logits[unique].double()
-        new = (old - self.lr * g / rms).float().double()  # the value the float32 table will hold
+        new = old - self.lr * g / rms
+        if self.recipe == "clipped":
+            new = new.clamp(*CLIP)
+        new = new.float().double()  # the value the float32 table will hold
         self.softplus_sum += float((F.softplus(new) - F.softplus(old)).sum())
         self.logits[unique] = new.float()
         self.updates += 1
         return {"rows": float(unique.numel()), "rms": rms}
+
+    def update(self, rows: torch.Tensor, dloss_dweights: torch.Tensor, losses: torch.Tensor) -> dict[str, float]:
+        """One upper step from the gathered ∂L_meta/∂u_i (= -c_i d_i) and the measured losses ℓ_i."""
+        store_row_means(self.loss, rows.cpu().long(), losses.cpu())
+        return self.step(rows, self.logit_gradient(rows, dloss_dweights))
+
+    def last_losses(self) -> torch.Tensor:
+        """ℓ_i at each record's last visit by an upper step (NaN: never visited): the loss ranking."""
+        return self.loss.clone()
+
+    def incompatibility(self, state: dict[str, Any]) -> str | None:
+        """Why a checkpoint's instance state cannot be loaded here, or None."""
+        if state.get("kind", "table") != "table":
+            return "instance weights: the checkpoint holds an instance net, this run a per-record table"
+        if state.get("recipe", "softplus") != self.recipe:
+            return f"--instance_recipe: checkpoint {state.get('recipe', 'softplus')} vs now {self.recipe}"
+        if state["logits"].numel() != len(self):
+            return f"instance weights: checkpoint {state['logits'].numel()} records vs {len(self)} in the training file"
+        return None
 
     def checksum(self) -> torch.Tensor:
         """A float64 value that differs between ranks whenever their tables differ (O(table))."""
@@ -91,14 +143,16 @@ class InstanceWeights:
         return total
 
     def state_dict(self) -> dict[str, Any]:
-        return {"logits": self.logits.clone(), "softplus_sum": torch.tensor(self.softplus_sum, dtype=torch.float64),
-                "updates": self.updates}
+        return {"kind": "table", "recipe": self.recipe, "logits": self.logits.clone(),
+                "softplus_sum": torch.tensor(self.softplus_sum, dtype=torch.float64), "updates": self.updates,
+                "loss": self.loss.clone()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        logits = state["logits"]
-        if logits.numel() != len(self):
-            raise ValueError(f"instance weights: the checkpoint holds {logits.numel()} records, the training file "
-                             f"{len(self)}")
-        self.logits = logits.to(torch.float32).clone()
+        problem = self.incompatibility(state)
+        if problem:
+            raise ValueError(problem)
+        self.logits = state["logits"].to(torch.float32).clone()
+        if "loss" in state:  # older checkpoints: no losses measured yet
+            self.loss = state["loss"].to(torch.float32).clone()
         self.softplus_sum = float(state["softplus_sum"])
         self.updates = int(state["updates"])

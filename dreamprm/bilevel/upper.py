@@ -7,8 +7,8 @@ It drives the engine through `DistributedEngine`'s methods (duck-typed here: thi
 import DeepSpeed). Communication beyond the forward/backward passes: one all-gather of the meta
 chains' scores (the ranking objectives compare chains across ranks), one all-reduce for ‖v‖², one of
 K domain counts (`exact`) and one of K floats (the per-domain sums or inner products), identical on
-every rank afterwards. Instance weights add one all-gather of (row, hypergradient) pairs, two floats
-per record of the segment's global batch, never sized by the table.
+every rank afterwards. Instance weights add one all-gather of (row, ∂L_meta/∂u_row, loss) triples, three
+floats per record of the segment's global batch, never sized by the table.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import torch
 from dreamprm.bilevel import hypergradient as hg
 from dreamprm.bilevel.domain_weights import DomainWeights
 from dreamprm.bilevel.aggregation import aggregate_logits
+from dreamprm.bilevel.instance_net import InstanceNet
 from dreamprm.bilevel.instance_weights import InstanceWeights
 from dreamprm.data.datasets import select_rows
 from dreamprm.losses import chain_meta_loss, domain_loss_sums, per_sample_mse
@@ -43,7 +44,7 @@ class UpperResult:
 def upper_step(engine: Any, weights: DomainWeights, meta_optimizer: torch.optim.Optimizer,
                meta_batch: dict[str, torch.Tensor], train_batches: list[dict[str, torch.Tensor]], *,
                method: str, radius: float, aggregation: str, objective: str, geometry: str = "sgd",
-               instance_weights: InstanceWeights | None = None,
+               instance_weights: InstanceWeights | InstanceNet | None = None,
                update_domains: bool = True, lower_loss: LowerLoss = per_sample_mse) -> UpperResult:
     """One upper step. `train_batches`: the micro-batches whose d_k are averaged (the segment's, or
     only its last). `geometry` 'adam' takes the inner products as ⟨P ∇S_k, v⟩ with P the PRM
@@ -59,7 +60,7 @@ def upper_step(engine: Any, weights: DomainWeights, meta_optimizer: torch.optim.
             v = [p * x for p, x in zip(preconditioner, v)]
     v_norm = math.sqrt(max(float(engine.global_dot(v, v)), 0.0))
     epsilon = None
-    rows = row_hypergradient = None
+    rows = row_hypergradient = row_losses = None
     if method == "exact":
         if instance_weights is not None:
             raise ValueError("instance weights need a finite-difference hypergradient (--hypergrad fd)")
@@ -68,13 +69,14 @@ def upper_step(engine: Any, weights: DomainWeights, meta_optimizer: torch.optim.
     else:
         # Instance weights scale the lower loss per record; under 'both' the domain sums carry them.
         current = None if instance_weights is None else [instance_weights.weights(b["record"]) for b in train_batches]
+        at_theta: list[torch.Tensor] = []  # ℓ_i(θ) ≈ the mean of the two forwards: the net's `gap` feature
         directional, per_record, epsilon = finite_difference(
             engine, v, train_batches, radius, v_norm, num_domains,
-            current if instance_weights is not None and update_domains else None, lower_loss)
+            current if instance_weights is not None and update_domains else None, at_theta, lower_loss)
         if instance_weights is not None:
             with torch.no_grad():
                 domain_w = weights().detach() if update_domains else None
-            rows, row_hypergradient = instance_update(engine, instance_weights, train_batches, per_record, domain_w)
+            rows, row_hypergradient, row_losses = instance_update(engine, train_batches, per_record, at_theta, domain_w)
     hyper = hg.hypergradient(directional, weights.logit_gradient)
     # Every value above came out of all-reduces or all-gathers, so every rank takes the same branch.
     applied = bool(torch.isfinite(hyper).all()) and math.isfinite(meta_loss_value)
@@ -89,7 +91,7 @@ def upper_step(engine: Any, weights: DomainWeights, meta_optimizer: torch.optim.
             # without a right-wrong pair (v = 0, loss 0) is no evidence.
             meta_optimizer.step(lambda: meta_loss_value if v_norm > 0 else None)
         if instance_weights is not None:
-            instance_summary = instance_weights.step(rows, row_hypergradient)
+            instance_summary = instance_weights.update(rows, row_hypergradient, row_losses)
     return UpperResult(meta_loss=meta_loss_value, directional=directional, hypergradient=hyper,
                        v_norm=v_norm, epsilon=epsilon, applied=applied, instance=instance_summary)
 
@@ -156,19 +158,24 @@ def exact_domain_dots(engine: Any, batch: dict[str, torch.Tensor], v: list[torch
 
 def finite_difference(engine: Any, v: list[torch.Tensor], train_batches: list[dict[str, torch.Tensor]],
                       radius: float, v_norm: float, num_domains: int,
-                      instance_weights: list[torch.Tensor] | None = None, lower_loss: LowerLoss = per_sample_mse
+                      instance_weights: list[torch.Tensor] | None = None,
+                      at_theta: list[torch.Tensor] | None = None, lower_loss: LowerLoss = per_sample_mse
                       ) -> tuple[torch.Tensor, list[torch.Tensor], float]:
     """Central difference along v from two forwards per batch at θ ± εv (parameters restored after).
 
     Returns (d_k [K], all-reduced; this rank's per-record d_i, one [batch] tensor per batch; ε), with
     d_i = (ℓ_i(θ+εv) - ℓ_i(θ-εv)) / (2εN) and N the global number of samples. With
     `instance_weights` (u_i per batch) the domain sums are of u_i ℓ_i: d_k = Σ_{i in k} u_i d_i.
+    `at_theta`, when given, receives this rank's (ℓ_i(θ+εv) + ℓ_i(θ-εv)) / 2 per batch.
     """
     epsilon = hg.fd_epsilon(radius, v_norm) if math.isfinite(v_norm) and v_norm > 0 else float("nan")
     global_count = engine.info.world_size * sum(b["target"].numel() for b in train_batches)
     if not math.isfinite(epsilon):
         nan = torch.full((num_domains,), float("nan"), dtype=torch.float64)
-        return nan, [torch.full_like(b["target"], float("nan"), dtype=torch.float64) for b in train_batches], epsilon
+        per_record = [torch.full_like(b["target"], float("nan"), dtype=torch.float64) for b in train_batches]
+        if at_theta is not None:
+            at_theta.extend(per_record)
+        return nan, per_record, epsilon
     snapshot = engine.master_params_snapshot()
     direction = engine.full_gradients_for_edit(v)
     losses: dict[float, list[torch.Tensor]] = {}
@@ -186,22 +193,25 @@ def finite_difference(engine: Any, v: list[torch.Tensor], train_batches: list[di
         engine.restore(snapshot)
     per_record = [(plus.double() - minus.double()) / (2.0 * epsilon * global_count)
                   for plus, minus in zip(losses[epsilon], losses[-epsilon])]
+    if at_theta is not None:
+        at_theta.extend((plus.double() + minus.double()) / 2.0 for plus, minus in zip(losses[epsilon], losses[-epsilon]))
     return directional, per_record, epsilon
 
 
-def instance_update(engine: Any, table: InstanceWeights, train_batches: list[dict[str, torch.Tensor]],
-                    per_record: list[torch.Tensor], domain_weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every rank's (row, ∂L_meta/∂a_row) pairs, gathered: one all-gather sized by the global batch.
-
-    ∂L_meta/∂a_i ≈ -(∂u_i/∂a_i) c_i d_i, c_i the record's domain weight (`domain_weights`, None: 1).
+def instance_update(engine: Any, train_batches: list[dict[str, torch.Tensor]], per_record: list[torch.Tensor],
+                    losses: list[torch.Tensor], domain_weights: torch.Tensor | None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every rank's (row, ∂L_meta/∂u_row, ℓ_row) triples, gathered: one all-gather sized by the global
+    batch. ∂L_meta/∂u_i ≈ -c_i d_i, c_i the record's domain weight (`domain_weights`, None: 1); the
+    table or the net chains it through its own Jacobian (`update`), identically on every rank.
     """
     rows = torch.cat([b["record"].cpu() for b in train_batches])
     d = torch.cat([x.cpu() for x in per_record]).double()
     if domain_weights is not None:
         d = d * torch.cat([domain_weights.cpu().double()[b["domain"].cpu()] for b in train_batches])
-    local = torch.stack([rows.double(), -table.logit_gradient(rows, d)], dim=1)
+    local = torch.stack([rows.double(), -d, torch.cat([x.cpu() for x in losses]).double()], dim=1)
     gathered = engine.all_gather(local.to(engine.info.device)).cpu()
-    return gathered[:, 0].long(), gathered[:, 1]
+    return gathered[:, 0].long(), gathered[:, 1], gathered[:, 2]
 
 
 def per_sample_losses_at(engine: Any, batch: dict[str, torch.Tensor],
