@@ -137,7 +137,23 @@ def probe_lower(trainer, record: dict) -> None:
     expected = sum(sum(float(weights[d]) * rows[d] for d in range(k)) for rows in per_domain) / micro
     uniform = sum(sum(rows) for rows in per_domain) / micro
     domain0 = sum(rows[0] for rows in per_domain) / micro
-    captured = []
+    got, step_calls = stepped_gradient(trainer, batches, weights)
+    sums = torch.stack([(got - expected).pow(2).sum(), expected.pow(2).sum(), (uniform - expected).pow(2).sum(),
+                        domain0.pow(2).sum(), (got - uniform).pow(2).sum()])
+    sums = engine.all_reduce_sum(sums.to(trainer.info.device)).cpu()  # norms over every rank's shard
+    record["lower"] = {
+        "weights": weights.tolist(), "micro_batches": micro, "step_calls": step_calls,
+        "rel_error": math.sqrt(sums[0] / sums[1]),
+        "uniform_vs_expected": math.sqrt(sums[2] / sums[1]),
+        "domain0_share": math.sqrt(sums[3] / sums[1]),
+        "rel_error_vs_uniform": math.sqrt(sums[4] / sums[1]),
+    }
+
+
+def stepped_gradient(trainer, batches: list, weights: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(the gradient the engine steps with, how many steps) of one `Trainer.lower_step` on `batches`
+    with the domain weights fixed to `weights`."""
+    engine, captured = trainer.engine, []
     real_step = engine.step
 
     def capturing_step():
@@ -152,17 +168,7 @@ def probe_lower(trainer, record: dict) -> None:
         trainer.lower_step()
     finally:
         del engine.step, trainer.domain_weights.forward, trainer.train_batches.next
-    got = captured[-1]
-    sums = torch.stack([(got - expected).pow(2).sum(), expected.pow(2).sum(), (uniform - expected).pow(2).sum(),
-                        domain0.pow(2).sum(), (got - uniform).pow(2).sum()])
-    sums = engine.all_reduce_sum(sums.to(trainer.info.device)).cpu()  # norms over every rank's shard
-    record["lower"] = {
-        "weights": weights.tolist(), "micro_batches": micro, "step_calls": len(captured),
-        "rel_error": math.sqrt(sums[0] / sums[1]),
-        "uniform_vs_expected": math.sqrt(sums[2] / sums[1]),
-        "domain0_share": math.sqrt(sums[3] / sums[1]),
-        "rel_error_vs_uniform": math.sqrt(sums[4] / sums[1]),
-    }
+    return captured[-1], len(captured)
 
 
 def fixed_instance_state(trainer) -> None:
@@ -197,22 +203,7 @@ def probe_lower_instance(trainer, record: dict) -> None:
 
     expected = gradient(lambda b: weights[b["domain"]] * table[b["record"]])
     domain_only = gradient(lambda b: weights[b["domain"]])
-    captured = []
-    real_step = engine.step
-
-    def capturing_step():
-        captured.append(flat(engine.owned_gradients()))
-        real_step()
-
-    stream = iter(batches)
-    trainer.train_batches.next = lambda: next(stream)
-    trainer.domain_weights.forward = lambda: weights.clone()
-    engine.step = capturing_step
-    try:
-        trainer.lower_step()
-    finally:
-        del engine.step, trainer.domain_weights.forward, trainer.train_batches.next
-    got = captured[-1]
+    got, step_calls = stepped_gradient(trainer, batches, weights)
     sums = torch.stack([(got - expected).pow(2).sum(), expected.pow(2).sum(), (domain_only - expected).pow(2).sum()])
     sums = engine.all_reduce_sum(sums.to(trainer.info.device)).cpu()
     used = torch.cat([table[b["record"]] for b in batches])
