@@ -101,3 +101,54 @@ def test_the_start_up_names_the_combinations_that_stay_wrong():
     assert "--upper_precision fp32" in line and "63%" in line
     (line,) = numerics_warnings(parse_args(["--hypergrad", "fd_bf16_naive"]))
     assert "use --hypergrad exact" in line
+
+
+class OneProcessEngine:
+    """What `upper_step` asks of an engine, for one process and a 1-parameter model whose step logit
+    is `theta` for every row (no DeepSpeed: the meta step's branch logic only)."""
+
+    def __init__(self) -> None:
+        from types import SimpleNamespace
+        self.theta = torch.nn.Parameter(torch.tensor([0.3]))
+        self.info = SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"))
+
+    def upper_forward(self, batch):
+        return self.theta.expand(batch["input_ids"].shape[0])
+
+    def backward_without_step(self, loss):
+        (grad,) = torch.autograd.grad(loss, [self.theta], allow_unused=True)
+        return [torch.zeros(1) if grad is None else grad.detach()]
+
+    def all_gather(self, tensor):
+        return tensor
+
+    def all_reduce_sum(self, tensor):
+        return tensor
+
+    def global_dot(self, a, b):
+        return sum((x.double() * y.double()).sum() for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("method", ["exact", "fd"])
+def test_a_meta_batch_without_a_pair_is_a_zero_update_not_a_bad_one(method):
+    """Pairwise, every meta chain right: no (right, wrong) pair, v = 0. Every d is exactly 0 and the
+    update counts as applied (fd used to divide by ‖v‖ = 0, and five such steps in a row stopped a run)."""
+    from dreamprm.bilevel.domain_weights import DomainWeights
+    from dreamprm.bilevel.instance_weights import InstanceWeights
+    from dreamprm.bilevel.meta_optimizer import build_meta_optimizer
+    from dreamprm.bilevel.upper import upper_step
+
+    engine, weights = OneProcessEngine(), DomainWeights(["a", "b"])
+    optimizer = build_meta_optimizer("gated", [weights.logits], lr=0.1, weight_decay=0.0, beta=0.98)
+    meta = {"input_ids": torch.zeros(4, 3, dtype=torch.long), "target": torch.ones(4),
+            "item_index": torch.arange(4)}
+    table = InstanceWeights(10, lr=0.3) if method == "fd" else None
+    before = None if table is None else table.all_weights().clone()
+    result = upper_step(engine, weights, optimizer, meta, [], method=method, radius=1e-3, aggregation="mean_logit",
+                        objective="pairwise", instance_weights=table)
+    assert result.applied and result.v_norm == 0.0 and result.meta_loss == 0.0
+    assert torch.equal(result.directional, torch.zeros(2, dtype=torch.float64))
+    assert torch.equal(result.hypergradient, torch.zeros(2, dtype=torch.float64))
+    assert optimizer.state[weights.logits]["step"] == 1  # the gate's averages saw a zero, as exact's always did
+    if table is not None:
+        assert torch.equal(table.all_weights(), before) and result.instance is None

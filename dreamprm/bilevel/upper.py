@@ -61,7 +61,11 @@ def upper_step(engine: Any, weights: DomainWeights, meta_optimizer: torch.optim.
     v_norm = math.sqrt(max(float(engine.global_dot(v, v)), 0.0))
     epsilon = None
     rows = row_hypergradient = row_losses = None
-    if method == "exact":
+    if v_norm == 0.0:
+        # No meta signal (e.g. a pairwise meta batch without a right-wrong pair): every d is exactly 0.
+        # fd would divide by ‖v‖ and report a non-finite update; five in a row would stop the run.
+        directional = torch.zeros(num_domains, dtype=torch.float64)
+    elif method == "exact":
         if instance_weights is not None:
             raise ValueError("instance weights need a finite-difference hypergradient (--hypergrad fd)")
         directional = sum(hg.exact_directional(lambda b=b: exact_domain_dots(engine, b, v, num_domains, lower_loss))
@@ -90,7 +94,7 @@ def upper_step(engine: Any, weights: DomainWeights, meta_optimizer: torch.optim.
             # --meta_evidence: the gated optimiser waits for a meta loss below chance. A meta batch
             # without a right-wrong pair (v = 0, loss 0) is no evidence.
             meta_optimizer.step(lambda: meta_loss_value if v_norm > 0 else None)
-        if instance_weights is not None:
+        if instance_weights is not None and rows is not None:
             instance_summary = instance_weights.update(rows, row_hypergradient, row_losses)
     return UpperResult(meta_loss=meta_loss_value, directional=directional, hypergradient=hyper,
                        v_norm=v_norm, epsilon=epsilon, applied=applied, instance=instance_summary)
