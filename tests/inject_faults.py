@@ -32,30 +32,39 @@ def parse_plan(spec: str) -> dict[str, set[int]]:
 
 def install(plan: dict[str, set[int]]) -> None:
     trainer_cls = trainer_module.Trainer
-    current: dict[str, trainer_module.Trainer] = {}
+    current: dict[str, object] = {}
     lower_step, run_upper_step = trainer_cls.lower_step, trainer_cls.run_upper_step
-    per_sample_mse, chain_meta_loss = trainer_module.per_sample_mse, upper_module.chain_meta_loss
+    lower_loss_of, chain_meta_loss = trainer_module.lower_loss, upper_module.chain_meta_loss
 
     def on_rank0(level: str, step: int) -> bool:
         return int(os.environ.get("RANK", "0")) == 0 and step in plan[level]
 
-    def nan_lower_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        loss = per_sample_mse(logits, target)
-        return loss * float("nan") if on_rank0("lower", current["trainer"].state.step + 1) else loss
+    def nan_lower_loss_of(*args, **kwargs):
+        # The trainer builds its lower loss once (by head); the NaN goes into the lower step's calls
+        # only, not into the upper step's passes that reuse the same loss.
+        loss_of = lower_loss_of(*args, **kwargs)
+
+        def nan_lower_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            loss = loss_of(logits, target)
+            inside = current.get("level") == "lower"
+            return loss * float("nan") if inside and on_rank0("lower", current["trainer"].state.step + 1) else loss
+        return nan_lower_loss
 
     def nan_meta_loss(*args, **kwargs) -> torch.Tensor:
         loss = chain_meta_loss(*args, **kwargs)
         return loss * float("nan") if on_rank0("upper", current["trainer"].state.upper_steps + 1) else loss
 
-    def tracked(method):
+    def tracked(method, level: str):
         def wrapper(self, *args, **kwargs):
-            current["trainer"] = self
-            return method(self, *args, **kwargs)
+            current["trainer"], current["level"] = self, level
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                current["level"] = None
         return wrapper
 
-    trainer_cls.lower_step, trainer_cls.run_upper_step = tracked(lower_step), tracked(run_upper_step)
-    trainer_module.per_sample_mse, upper_module.chain_meta_loss = nan_lower_loss, nan_meta_loss
-
+    trainer_cls.lower_step, trainer_cls.run_upper_step = tracked(lower_step, "lower"), tracked(run_upper_step, "upper")
+    trainer_module.lower_loss, upper_module.chain_meta_loss = nan_lower_loss_of, nan_meta_loss
 
 if __name__ == "__main__":
     install(parse_plan(sys.argv[1]))
