@@ -50,7 +50,7 @@ def main() -> None:
     train_batch = collate([train[i] for i in range(info.rank * per_train, (info.rank + 1) * per_train)])
     with partitioned_construction(ds):
         model = build_prm(model_dir, "logits", seed=3)
-    engine = DistributedEngine(model, ds, info)
+    engine = DistributedEngine(model, ds, info, upper_precision="fp32")
     report: dict = {"world_size": info.world_size}
     for name, batch in (("questions", meta_batch), ("no_questions", {k: v for k, v in meta_batch.items()
                                                                      if k != "question"})):
