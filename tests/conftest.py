@@ -223,3 +223,15 @@ def small_run_args(model: Path, out: Path, *extra: str) -> list[str]:
 
 def read_json(path: str | Path):
     return json.loads(Path(path).read_text())
+
+
+@pytest.fixture(autouse=True)
+def no_stale_mlflow_submodules():
+    """MLflow's package sets `mlflow.version` etc. as attributes only when it imports those submodules
+    itself: if `mlflow` has left sys.modules while its submodules stayed (seen once in a whole-suite
+    run, cause not found), the next `import mlflow` fails with "partially initialized module 'mlflow'
+    has no attribute 'version'". Each test starts without such leftovers."""
+    if "mlflow" not in sys.modules:
+        for name in [m for m in sys.modules if m.startswith("mlflow.")]:
+            del sys.modules[name]
+    yield

@@ -111,12 +111,16 @@ def branches(tiny_model, one_rank, tmp_path_factory) -> dict[str, tuple[Path, st
     (the checkpoint has it absolute), `same` with the checkpoint's flags, `adamw` with another
     domain-logit optimiser. (folder, stdout) each."""
     checkpoint = one_rank / "checkpoints" / "step_00000008"
-    common = ["--unroll_steps", "2", "--hypergrad", "exact", "--batch_size", "4", "--meta_batch_size", "2",
+    common = [*UPPER, "--batch_size", "4", "--meta_batch_size", "4",
               "--iteration_num", "10", "--resume", str(checkpoint), "--no-export"]
     folders = {name: tmp_path_factory.mktemp(f"branch_{name}") for name in ("lr", "same", "adamw")}
+
+    def with_meta_lr(args: list[str], value: str) -> list[str]:
+        args = [a for i, a in enumerate(args) if a != "--meta_lr" and (i == 0 or args[i - 1] != "--meta_lr")]
+        return args + ["--meta_lr", value]
     lr = small_run_args(os.path.relpath(tiny_model, REPO), folders["lr"], *common, "--save_every_iterations", "2")
-    lr[lr.index("--lr") + 1], lr[lr.index("--meta_lr") + 1] = "2e-3", "0.2"
-    flags = {"lr": lr, "same": small_run_args(tiny_model, folders["same"], *common),
+    lr[lr.index("--lr") + 1] = "2e-3"
+    flags = {"lr": with_meta_lr(lr, "0.2"), "same": small_run_args(tiny_model, folders["same"], *common),
              "adamw": small_run_args(tiny_model, folders["adamw"], *common, "--meta_optimizer", "adamw",
                                      "--save_every_iterations", "2")}
     procs = run_trains([{"args": flags[name]} for name in folders])
@@ -128,7 +132,7 @@ def test_a_branched_run_uses_its_own_learning_rates_not_the_checkpoints(branches
     # (e.g. DreamPRM after a vanilla warm-up) must train with the flags it was given.
     folder, out = branches["lr"]
     assert "resume: --lr 0.002 replaces the checkpoint's 0.001" in out
-    assert "resume: --meta_lr 0.2 replaces the checkpoint's 0.05" in out
+    assert "resume: --meta_lr 0.2 replaces the checkpoint's 50" in out
     assert [v for _, v in read_scalars(folder / "tb")["train/lr"]] == pytest.approx([2e-3])
     saved = torch.load(folder / "checkpoints" / "step_00000010" / "trainer_state.pt", weights_only=True)
     assert [g["lr"] for g in saved["meta_optimizer"]["param_groups"]] == [0.2]
@@ -137,11 +141,11 @@ def test_a_branched_run_uses_its_own_learning_rates_not_the_checkpoints(branches
 
 
 def test_a_branched_run_may_choose_another_domain_logit_optimiser(branches):
-    # The checkpoint holds the default (gated) optimiser's state, which does not fit AdamW: the
-    # branch starts AdamW fresh, keeps the domain weights, and says so.
+    # The checkpoint holds SGD's state (UPPER), which does not fit AdamW: the branch starts AdamW
+    # fresh, keeps the domain weights, and says so.
     folder, out = branches["adamw"]
     assert "resume: --meta_optimizer adamw starts with a fresh state (the checkpoint's domain-logit optimiser " \
-           "was gated); the domain weights are kept" in out
+           "was sgd); the domain weights are kept" in out
     saved = torch.load(folder / "checkpoints" / "step_00000010" / "trainer_state.pt", weights_only=True)
     assert saved["meta_optimizer_kind"] == "adamw" and "betas" in saved["meta_optimizer"]["param_groups"][0]
 
