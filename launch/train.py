@@ -18,7 +18,7 @@ import sys
 # The repository root on the import path, so that dreamprm/ imports without an install.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dreamprm.cli import run_training  # noqa: E402
+from dreamprm.cli import exit_now, run_training  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(run_training(sys.argv[1:]))
+    exit_now(run_training(sys.argv[1:]))

@@ -19,7 +19,7 @@ import torch  # noqa: E402
 
 import dreamprm.bilevel.upper as upper_module  # noqa: E402
 import dreamprm.trainer as trainer_module  # noqa: E402
-from dreamprm.cli import run_training  # noqa: E402
+from dreamprm.cli import exit_now, run_training  # noqa: E402
 
 
 def parse_plan(spec: str) -> dict[str, set[int]]:
@@ -68,4 +68,4 @@ def install(plan: dict[str, set[int]]) -> None:
 
 if __name__ == "__main__":
     install(parse_plan(sys.argv[1]))
-    sys.exit(run_training(sys.argv[2:]))
+    exit_now(run_training(sys.argv[2:]))
