@@ -114,7 +114,7 @@ def signs_right(d, ref: torch.Tensor) -> bool:
 def test_in_bf16_exact_matches_the_reference_under_every_objective(one_rank_runs, fidelity_reference):
     """bf16 parameters, the upper level's passes in fp32 arithmetic (the default): within 5% with every
     sign right for both meta objectives and every aggregation (docs/hypergradient.md's bf16 table:
-    measured ≤ 0.5% on one rank; in bf16 arithmetic up to 34% here, 63% with wrong signs elsewhere)."""
+    measured ≤ 0.8% on one rank; in bf16 arithmetic up to 34% here, 63% with wrong signs elsewhere)."""
     result = one_rank_runs["bf16"]
     assert result["precision"] == "bf16" and result["upper_precision"] == "fp32"
     assert {tuple(name.split("/")) for name in result["grid"]} == set(fidelity_reference)
