@@ -74,6 +74,10 @@ def exit_now(code: int) -> None:
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
+    if "mpi4py.MPI" in sys.modules:  # under mpirun: a rank that skips MPI_Finalize fails the job
+        from mpi4py import MPI
+        if MPI.Is_initialized() and not MPI.Is_finalized():
+            MPI.Finalize()
     os._exit(code)
 
 
