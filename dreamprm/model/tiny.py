@@ -157,6 +157,11 @@ def build_tiny_qwen2vl(out_dir: str | Path, *, seed: int = 0, hidden_size: int =
     image_processor = _ImageProcessor(min_pixels=28 * 28, max_pixels=224 * 224)
     processor = ImageOnlyQwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
                                           chat_template=CHAT_TEMPLATE)
+    return _save(out_dir, model, processor, tokenizer)
+
+
+def _save(out_dir: Path, model, processor, tokenizer) -> Path:
+    """A model folder as `from_pretrained` and the processor loaders read it."""
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
@@ -175,11 +180,7 @@ def _build_tiny_internvl(out_dir: Path, *, seed: int, hidden_size: int, num_laye
     processor = ImageOnlyInternVLProcessor(image_processor=image_processor, tokenizer=tokenizer,
                                            image_seq_length=config.image_seq_length,
                                            chat_template=INTERNVL_CHAT_TEMPLATE)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    return out_dir
+    return _save(out_dir, model, processor, tokenizer)
 
 
 def main(argv: list[str] | None = None) -> None:
