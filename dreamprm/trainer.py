@@ -55,6 +55,9 @@ class TrainState:
     upper_steps: int = 0
     train: StreamPosition = field(default_factory=StreamPosition)
     meta: StreamPosition = field(default_factory=StreamPosition)
+    # Where the current segment's first training batch was read: a run resumed mid-segment reads the
+    # segment's earlier batches again from here, so that its upper step differentiates the same batches.
+    segment_train: StreamPosition | None = field(default_factory=StreamPosition)
     bad_lower_in_a_row: int = 0
     bad_upper_in_a_row: int = 0
     skipped_lower: int = 0
@@ -63,18 +66,23 @@ class TrainState:
 
     def as_dict(self) -> dict[str, int]:
         """Flat, as checkpoints hold it (train_epoch, train_batch, meta_epoch, meta_batch)."""
-        flat = {k: v for k, v in self.__dict__.items() if k not in ("train", "meta")}
-        for name in ("train", "meta"):
+        flat = {k: v for k, v in self.__dict__.items() if k not in _POSITIONS}
+        for name in _POSITIONS:
             position = getattr(self, name)
-            flat.update({f"{name}_epoch": position.epoch, f"{name}_batch": position.batch})
+            if position is not None:
+                flat.update({f"{name}_epoch": position.epoch, f"{name}_batch": position.batch})
         return flat
 
     @classmethod
     def from_dict(cls, flat: dict[str, int]) -> "TrainState":
         flat = dict(flat)
+        # Checkpoints written before segment_train was kept have none (a resume then warns).
         positions = {name: StreamPosition(flat.pop(f"{name}_epoch"), flat.pop(f"{name}_batch"))
-                     for name in ("train", "meta")}
+                     if f"{name}_epoch" in flat else None for name in _POSITIONS}
         return cls(**flat, **positions)
+
+
+_POSITIONS = ("train", "meta", "segment_train")
 
 
 class Trainer:
@@ -121,6 +129,7 @@ class Trainer:
             config, info, self.processor, self.train_records, records.meta, self.domains, self.state.train,
             self.state.meta, adapter=self.engine.module.adapter)
         self._saved: tuple[int, Path] | None = None  # (step, folder) of the last checkpoint written
+        self._resumed_segment: list[dict[str, torch.Tensor]] = []  # see _reread_segment
         self.checkpointer = Checkpointer(self.output / "checkpoints", self.engine, keep_last=config.run.keep_last)
         self._maybe_resume()
         build.write_run_description(self.output, config, self.ds_config, self.domains, info)
@@ -156,6 +165,7 @@ class Trainer:
             # A save at this same step (nothing trained since) keeps this checkpoint instead of rewriting it.
             self._saved = (trainer_state["state"]["step"], folder)
         self.state = TrainState.from_dict(trainer_state["state"])
+        self._resumed_segment = self._reread_segment(folder)
         self.train_batches.reposition(self.state.train)
         if self.meta_batches is not None:
             self.meta_batches.reposition(self.state.meta)
@@ -182,6 +192,34 @@ class Trainer:
                       f"checkpoint's domain-logit optimiser was {saved_kind}); the domain weights are kept", flush=True)
             for name, (saved, now) in changes.items():
                 print(f"resume: --{name} {now:g} replaces the checkpoint's {saved:g}", flush=True)
+
+    def _reread_segment(self, folder: Path) -> list[dict[str, torch.Tensor]]:
+        """The training batches of the segment a checkpoint stopped in, read again from the segment's start.
+
+        With --hypergrad_batches segment the upper step differentiates every batch of its segment; a run
+        resumed mid-segment reads the earlier ones again (the same sampler positions give the same batches)
+        so that it follows the uninterrupted trajectory exactly."""
+        state, unroll = self.state, self.config.bilevel.unroll_steps
+        done_in_segment = state.step % unroll
+        if done_in_segment == 0 or self.config.bilevel.hypergrad_batches != "segment" or self.config.bilevel.baseline:
+            return []
+        if state.segment_train is None:
+            if self.engine.is_main:
+                print(f"resume: {folder} was written mid-segment by an older version that did not keep the "
+                      f"segment's start; the upper step at step {state.step - done_in_segment + unroll} sees only "
+                      f"the batches read after the resume", flush=True)
+            return []
+        self.train_batches.reposition(StreamPosition(state.segment_train.epoch, state.segment_train.batch))
+        count = done_in_segment * self.engine.gradient_accumulation_steps()
+        rng = torch.get_rng_state()  # a DataLoader iterator draws its seed: the re-read leaves no trace
+        batches = [self.train_batches.next() for _ in range(count)]
+        torch.set_rng_state(rng)
+        reached = self.train_batches.position
+        if any(b is None for b in batches) or (reached.epoch, reached.batch) != (state.train.epoch, state.train.batch):
+            raise ConfigError(f"{folder}/trainer_state.pt: field state: reading the segment's {count} batches again "
+                              f"from {state.segment_train} ended at {reached}, not at the saved position "
+                              f"{state.train}; was the training data (--train_json_file) changed?")
+        return [self.engine.to_device(b) for b in batches]
 
     def _resume_best(self, best: dict[str, Any] | None) -> None:
         """The record of the best checkpoint travels in the trainer state; a different --keep_best starts afresh."""
@@ -264,13 +302,17 @@ class Trainer:
         """Lower steps up to the next multiple of `unroll_steps`, then one upper step.
 
         Segments end at multiples of --unroll_steps, so a run resumed mid-segment completes that
-        segment first and follows the uninterrupted trajectory exactly (its upper step then sees
-        only the batches since the resume). A checkpoint due at a segment's end is written after
-        its upper step. Returns (finished, stop signal).
+        segment first and follows the uninterrupted trajectory exactly (the segment's batches read
+        before the stop are read again at the resume, `_reread_segment`). A checkpoint due at a
+        segment's end is written after its upper step. Returns (finished, stop signal).
         """
         run, bilevel = self.config.run, self.config.bilevel
         remaining = bilevel.unroll_steps - self.state.step % bilevel.unroll_steps
-        kept: list[dict[str, torch.Tensor]] = []  # the micro-batches the upper step differentiates
+        if remaining == bilevel.unroll_steps:
+            position = self.state.train
+            self.state.segment_train = StreamPosition(position.epoch, position.batch)
+        # The micro-batches the upper step differentiates (after a mid-segment resume: those read before it).
+        kept, self._resumed_segment = self._resumed_segment, []
         for i in range(remaining):
             if self.state.step >= run.iteration_num:
                 return True, None

@@ -271,11 +271,13 @@ def test_train_script_does_not_requeue_a_failed_checkpoint(cluster, tmp_path):
     err = (tmp_path / "logs" / f"dreamprm-2b-{job.job_id}.err").read_text()
     assert (job.state, job.returncode) == ("FAILED", 74), err
     assert cluster.job(job.job_id)["Restarts"] == "0"
-    assert "error: checkpoint step_00000004 could not be written" in err  # rank 0 was not killed first
-    assert "could not write a checkpoint (exit 74 on 2 of 2 ranks" in err
-    assert f"not requeueing job {job.job_id}" in err and f"OUTPUT_DIR={out}" in err
+    # Both ranks' wrappers saw 74: rank 0, the last, was not killed when rank 1 left (a killed rank 0
+    # would leave no note, and the script would still exit 74 on rank 1's).
     notes = sorted(p.name for p in (out / ".slurm" / f"{job.job_id}.0").iterdir())
-    assert notes == ["checkpoint-failed.rank0", "checkpoint-failed.rank1"]
+    assert notes == ["checkpoint-failed.rank0", "checkpoint-failed.rank1"], f"{notes}\n{err}\n{cluster.log_tail()}"
+    assert "could not write a checkpoint (exit 74 on 2 of 2 ranks" in err
+    assert "error: checkpoint step_00000004 could not be written" in err, f"{err}\n{cluster.log_tail()}"
+    assert f"not requeueing job {job.job_id}" in err and f"OUTPUT_DIR={out}" in err
 
 
 ECHO_TRAINER = """\
