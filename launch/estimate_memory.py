@@ -1,8 +1,9 @@
-"""DeepSpeed's ZeRO-3 memory estimate for the Qwen2-VL-2B / 7B reward models, and the disk their
-checkpoints take, without downloads.
+"""DeepSpeed's ZeRO-3 memory estimate for the Qwen2-VL-2B / 7B and InternVL3-1B reward models, and
+the disk their checkpoints take, without downloads.
 
-The parameter counts come from the public configs: the model is built from a ``Qwen2VLConfig`` on
-the ``meta`` device (no memory, no weights), its parameters are counted exactly, and the largest
+The parameter counts come from the public configs: the model is built from a ``Qwen2VLConfig`` (an
+``InternVLConfig`` for InternVL3-1B, the ``-hf`` layout) on the ``meta`` device (no memory, no
+weights), its parameters are counted exactly, and the largest
 single module (DeepSpeed's "largest layer": the one it must gather whole) is found the way
 ``deepspeed.runtime.zero.stage3.model_to_params`` does. Those two numbers go to
 ``estimate_zero3_model_states_mem_needs_all_cold``. Without transformers a closed-form count of the
@@ -18,7 +19,7 @@ the fp32 master weights and AdamW's two moments (12 bytes per parameter); a ZeRO
 no 16-bit copy. The export is the 16-bit weights once. A run needs ``--keep_last`` + 1 checkpoints
 at its peak (the old ones are deleted only once the new one is complete) plus the export.
 
-    python launch/estimate_memory.py                      # the README table: 2B 1x8, 7B 1x8 and 2x8
+    python launch/estimate_memory.py                      # the README table: 2B 1x8, 7B 1x8 and 2x8, InternVL3-1B 1x8
     python launch/estimate_memory.py --model 7b --nodes 2 --gpus_per_node 8
     python launch/estimate_memory.py --markdown           # the tables in slurm/README.md
 """
@@ -50,8 +51,20 @@ QWEN2_VL = {
                num_attention_heads=28, num_key_value_heads=4, intermediate_size=18944,
                vocab_size=152064, tie_word_embeddings=False),
 }
+# Public config.json of OpenGVLab/InternVL3-1B-hf (transformers' InternVLForConditionalGeneration):
+# InternViT-300M (448 px, patch 14, q/k/v biases, layer scale) + pixel-shuffle MLP projector +
+# Qwen2.5-0.5B with an untied lm_head. 938,193,024 parameters, as its model card's "938M".
+INTERNVL_VISION = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+                       image_size=448, patch_size=14, downsample_ratio=0.5)
+INTERNVL3 = {
+    "internvl3-1b": dict(name="OpenGVLab/InternVL3-1B-hf", hidden_size=896, num_hidden_layers=24,
+                         num_attention_heads=14, num_key_value_heads=2, intermediate_size=4864,
+                         vocab_size=151674, tie_word_embeddings=False),
+}
+MODELS = {**QWEN2_VL, **INTERNVL3}  # every model this script knows: text sizes under the same keys
+LABELS = {"2b": "Qwen2-VL-2B", "7b": "Qwen2-VL-7B", "internvl3-1b": "InternVL3-1B"}
 # (model, nodes, GPUs per node) printed by default and tabulated in slurm/README.md.
-DEFAULT_SETUPS = (("2b", 1, 8), ("7b", 1, 8), ("7b", 2, 8))
+DEFAULT_SETUPS = (("2b", 1, 8), ("7b", 1, 8), ("7b", 2, 8), ("internvl3-1b", 1, 8))
 GIB = 2**30
 
 
@@ -84,14 +97,35 @@ def build_config(model: str):
     return cfg
 
 
-def count_params_meta(model: str) -> ParamCount:
-    """Instantiate Qwen2VLForConditionalGeneration on the meta device and count."""
-    import torch
-    from transformers import Qwen2VLForConditionalGeneration
+def build_internvl(model: str):
+    """transformers' InternVLForConditionalGeneration, equal to the public ``-hf`` one in every size field,
+    on the meta device."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
 
-    cfg = build_config(model)
+    spec, v = dict(INTERNVL3[model]), INTERNVL_VISION
+    spec.pop("name")
+    tie = spec.pop("tie_word_embeddings")
+    cfg = InternVLConfig(
+        vision_config=dict(hidden_size=v["hidden_size"], num_hidden_layers=v["num_hidden_layers"],
+                           num_attention_heads=v["num_attention_heads"], intermediate_size=v["intermediate_size"],
+                           image_size=[v["image_size"]] * 2, patch_size=[v["patch_size"]] * 2, attention_bias=True,
+                           use_mean_pooling=True, layer_scale_init_value=0.1),
+        text_config=dict(spec, model_type="qwen2", tie_word_embeddings=tie),
+        downsample_ratio=v["downsample_ratio"], projector_hidden_act="gelu", tie_word_embeddings=tie)
+    return InternVLForConditionalGeneration(cfg)
+
+
+def count_params_meta(model: str) -> ParamCount:
+    """Instantiate the model (Qwen2VLForConditionalGeneration, InternVLForConditionalGeneration) on the
+    meta device and count."""
+    import torch
+
     with torch.device("meta"):
-        net = Qwen2VLForConditionalGeneration(cfg)
+        if model in INTERNVL3:
+            net = build_internvl(model)
+        else:
+            from transformers import Qwen2VLForConditionalGeneration
+            net = Qwen2VLForConditionalGeneration(build_config(model))
     # parameters() yields a tied weight once. (DeepSpeed's model_to_params dedups by data_ptr,
     # which is 0 for every meta tensor, so it cannot be used here.)
     total = sum(p.numel() for p in net.parameters())
@@ -105,7 +139,7 @@ def count_params_meta(model: str) -> ParamCount:
 
 def count_params_formula(model: str) -> ParamCount:
     """Closed-form count of the same architecture (biases on q/k/v only, RMSNorm weights)."""
-    s = QWEN2_VL[model]
+    s = MODELS[model]
     h, inter, v = s["hidden_size"], s["intermediate_size"], s["vocab_size"]
     head_dim = h // s["num_attention_heads"]
     kv = s["num_key_value_heads"] * head_dim
@@ -113,6 +147,8 @@ def count_params_formula(model: str) -> ParamCount:
     layer = attn + 3 * h * inter + 2 * h  # gate/up/down, two RMSNorms
     embed = v * h
     text = embed + s["num_hidden_layers"] * layer + h + (0 if s["tie_word_embeddings"] else embed)
+    if model in INTERNVL3:
+        return ParamCount(text + internvl_vision_formula(h), embed, "model.language_model.embed_tokens", "formula")
 
     e, ratio = VISION["embed_dim"], VISION["mlp_ratio"]
     patch = VISION["in_channels"] * VISION["temporal_patch_size"] * VISION["patch_size"] ** 2 * e
@@ -122,6 +158,20 @@ def count_params_formula(model: str) -> ParamCount:
     merger = 2 * e + (merged * merged + merged) + (merged * h + h)  # LayerNorm, 2-layer MLP
     vision = patch + VISION["depth"] * block + merger
     return ParamCount(text + vision, embed, "model.language_model.embed_tokens", "formula")
+
+
+def internvl_vision_formula(text_hidden: int) -> int:
+    """InternViT (cls token, absolute positions, q/k/v/o with biases, two LayerNorms and two layer-scale
+    vectors per block, no final norm with mean pooling) plus the projector (LayerNorm over the
+    pixel-shuffled width, two linears)."""
+    v = INTERNVL_VISION
+    e, inter = v["hidden_size"], v["intermediate_size"]
+    patches = (v["image_size"] // v["patch_size"]) ** 2
+    embeddings = e + (patches + 1) * e + (3 * v["patch_size"] ** 2 * e + e)
+    block = 2 * e + 4 * (e * e + e) + (e * inter + inter) + (inter * e + e) + 2 * 2 * e
+    shuffled = int(e / v["downsample_ratio"] ** 2)
+    projector = 2 * shuffled + (shuffled * text_hidden + text_hidden) + (text_hidden * text_hidden + text_hidden)
+    return embeddings + v["num_hidden_layers"] * block + projector
 
 
 def count_params(model: str) -> ParamCount:
@@ -165,7 +215,7 @@ def markdown_table(rows: list[Row], counts: dict[str, ParamCount]) -> str:
         c = counts[r.model]
         offload = ("params + optimizer" if r.offload_param
                    else "optimizer" if r.offload_optimizer else "none")
-        out.append(f"| Qwen2-VL-{r.model.upper()} | {c.total / 1e9:.3f} B | "
+        out.append(f"| {LABELS[r.model]} | {c.total / 1e9:.3f} B | "
                    f"{c.largest_layer / 1e6:.0f} M | {r.nodes} x {r.gpus_per_node} | {offload} | "
                    f"{r.gpu_gib:.1f} GiB | {r.cpu_gib:.1f} GiB |")
     return "\n".join(out)
@@ -193,7 +243,7 @@ def disk_table(rows: list[DiskRow], keep_last: int) -> str:
     out = [f"| model | nodes x GPUs | checkpoint per rank | checkpoint (all ranks) | export (bf16) | "
            f"a run with --keep_last {keep_last} |", "|---|---|---|---|---|---|"]
     for r in rows:
-        out.append(f"| Qwen2-VL-{r.model.upper()} | {r.nodes} x {r.gpus_per_node} | {r.per_rank_gib:.1f} GiB | "
+        out.append(f"| {LABELS[r.model]} | {r.nodes} x {r.gpus_per_node} | {r.per_rank_gib:.1f} GiB | "
                    f"{r.checkpoint_gib:.1f} GiB | {r.export_gib:.1f} GiB | {r.run_gib:.0f} GiB |")
     return "\n".join(out)
 
@@ -208,7 +258,7 @@ def upper_fp32_extra(model: str, tokens: int) -> dict[str, float]:
     --gradient_checkpointing only each layer's input (h) is kept, plus one layer's activations while
     it is recomputed. The embedding table's gradient is summed in fp32: 2 more bytes per entry while
     it exists. Weights stay bf16 (never an fp32 copy)."""
-    s = QWEN2_VL[model]
+    s = MODELS[model]
     h, i, layers = s["hidden_size"], s["intermediate_size"], s["num_hidden_layers"]
     kv = s["num_key_value_heads"] * (h // s["num_attention_heads"])
     per_layer = 6 * h + 2 * kv + 4 * i  # activations kept per token and layer
@@ -221,17 +271,17 @@ def upper_fp32_extra(model: str, tokens: int) -> dict[str, float]:
 def upper_fp32_table(tokens: int) -> str:
     lines = [f"| model | + per pass of {tokens:,} tokens | with --gradient_checkpointing | + embedding gradient (transient) |",
              "|---|---:|---:|---:|"]
-    for m in sorted(QWEN2_VL):
+    for m in MODELS:
         e = upper_fp32_extra(m, tokens)
-        lines.append(f"| {QWEN2_VL[m]['name']} | {e['no_checkpointing']:.1f} GiB | {e['checkpointing']:.2f} GiB "
+        lines.append(f"| {MODELS[m]['name']} | {e['no_checkpointing']:.1f} GiB | {e['checkpointing']:.2f} GiB "
                      f"| {e['embedding_gradient']:.2f} GiB |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="launch/estimate_memory.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", choices=sorted(QWEN2_VL), help="default: every default setup")
-    p.add_argument("--nodes", type=int, help="default: 1 for 2b, 1 and 2 for 7b")
+    p.add_argument("--model", choices=list(MODELS), help="default: every default setup")
+    p.add_argument("--nodes", type=int, help="default: 1 for 2b and internvl3-1b, 1 and 2 for 7b")
     p.add_argument("--gpus_per_node", type=int, help="default: 8")
     p.add_argument("--markdown", action="store_true", help="print only the summary table")
     p.add_argument("--formula", action="store_true",
@@ -253,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.model is None and args.nodes is None and args.gpus_per_node is None:
         setups = list(DEFAULT_SETUPS)
     else:
-        models = [args.model] if args.model else sorted(QWEN2_VL)
+        models = [args.model] if args.model else list(MODELS)
         setups = []
         for m in models:
             node_list = [args.nodes] if args.nodes else [n for mm, n, _ in DEFAULT_SETUPS if mm == m]
@@ -280,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         disk.append(disk_row(m, c, nodes, gpn, args.keep_last))
         if args.markdown:
             continue
-        print(f"\n== {QWEN2_VL[m]['name']}: {c.total:,} parameters ({c.method}); largest layer "
+        print(f"\n== {MODELS[m]['name']}: {c.total:,} parameters ({c.method}); largest layer "
               f"{c.largest_layer_name} {c.largest_layer:,}")
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf):

@@ -286,3 +286,16 @@ def test_estimate_memory_prints_checkpoint_sizes():
     # 8,291,375,616 parameters x 12 bytes = 92.7 GiB, over 16 ranks 5.8 GiB; 4 checkpoints + the bf16 export.
     assert "| Qwen2-VL-7B | 2 x 8 | 5.8 GiB | 92.7 GiB | 15.4 GiB | 386 GiB |" in proc.stdout, proc.stdout
     assert "| Qwen2-VL-2B | 1 x 8 | 3.1 GiB | 24.7 GiB | 4.1 GiB | 103 GiB |" in proc.stdout, proc.stdout
+    # InternVL3-1B-hf: 938,193,024 parameters (its model card's 938M), untied lm_head.
+    assert "| InternVL3-1B | 0.938 B | 136 M | 1 x 8 | none | 2.5 GiB | 6.1 GiB |" in proc.stdout, proc.stdout
+    assert "| InternVL3-1B | 1 x 8 | 1.3 GiB | 10.5 GiB | 1.7 GiB | 44 GiB |" in proc.stdout, proc.stdout
+
+
+@pytest.mark.slow
+def test_estimate_memory_counts_agree_with_the_models_built_on_the_meta_device():
+    """The closed forms equal transformers' own models (Qwen2-VL 2B/7B, InternVL3-1B-hf) parameter for parameter."""
+    proc = subprocess.run([PYTHON, str(REPO / "launch" / "estimate_memory.py"), "--check", "--markdown"], cwd=REPO,
+                          env=base_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "internvl3-1b: meta 938,193,024 / 135,899,904; formula 938,193,024 / 135,899,904: match" in proc.stdout
+    assert proc.stdout.count(": match") == 3, proc.stdout

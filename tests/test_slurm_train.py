@@ -262,3 +262,26 @@ def _trainer_pids(jobs: dict[str, Job]) -> list[int]:
         if any(o in cmd for o in outs):
             pids.append(int(entry))
     return pids
+
+
+@pytest.mark.parametrize("arch,head", [("qwen2_5_vl", "hidden"), ("internvl", "generative")])
+def test_train_2b_script_and_zero3_config_unchanged_for_other_backbones(cluster, tmp_path, arch, head):
+    """`slurm/train_2b.sh` and `ds_configs/zero3.json` as shipped (only MODEL and EXTRA_ARGS set, as a
+    user would) train and export a Qwen2.5-VL and an InternVL3 PRM on 2 nodes x 1 task."""
+    from dreamprm.model.tiny import build_tiny_qwen2vl
+    model = build_tiny_qwen2vl(tmp_path / f"tiny-{arch}", arch=arch)
+    (tmp_path / "logs").mkdir()
+    out = tmp_path / "out"
+    job = cluster.sbatch(REPO / "slurm" / "train_2b.sh", env_overrides={
+        "PYTHON": PYTHON, "MODEL": str(model), "OUTPUT_DIR": str(out), "DREAMPRM_REPO": str(REPO),
+        "TRAIN_JSON": str((DEMO / "train.json").relative_to(REPO)), "META_JSON": str((DEMO / "meta.json").relative_to(REPO)),
+        "EXTRA_ARGS": f"--head {head} --precision fp32 --batch_size 2 --unroll_steps 2 --iteration_num 4 --log_every 2",
+        "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"},
+        cwd=tmp_path, timeout=JOB_TIMEOUT_S, args=SBATCH_CPU)
+    log = "".join(f.read_text(errors="replace") for f in sorted((tmp_path / "logs").glob(f"*-{job.job_id}.*")))
+    assert (job.state, job.returncode) == ("COMPLETED", 0), log[-6000:]
+    assert "on 2 rank(s)" in log and "done at step 4" in log, log[-6000:]
+    assert read_json(out / "config.json")["world_size"] == 2
+    exported = read_json(out / "export" / "config.json")
+    assert exported["model_type"] == {"qwen2_5_vl": "qwen2_5_vl", "internvl": "internvl"}[arch]
+    assert read_json(out / "export" / "prm_config.json")["head"] == head
