@@ -469,7 +469,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = p.add_argument_group("model and training")
     g.add_argument("--hidden_size", type=int, default=64, help="tiny Qwen2-VL text hidden size")
     g.add_argument("--num_layers", type=int, default=2, help="tiny Qwen2-VL text layers")
-    g.add_argument("--head", default="hidden", choices=("hidden", "logits"), help="the PRM's score head")
+    g.add_argument("--head", default="hidden", choices=("hidden", "logits", "generative"),
+                   help="the PRM's head (generative: \"+\"/\"-\" judgements by the LM head, --judge_tokens default)")
     g.add_argument("--lr", type=float, default=1e-3,
                    help="PRM learning rate; 3e-3 collapses the mixed-domain PRM to a constant in 2 of 3 seeds")
     g.add_argument("--batch_size", type=int, default=16, help="training records per step")
