@@ -17,6 +17,20 @@ from pathlib import Path
 ARMS = ("pairwise", "grouped")
 
 
+def paired_se(folder: Path, draw: int, arm: str, seed: int) -> float | None:
+    """Standard error (points) of the Best-of-8 gain over vanilla from the per-question outcomes of the
+    same test questions: how much of a gain the 96-question test set alone can make up."""
+    base = folder / f"draw_{draw}" / "noise" / "runs"
+    try:
+        outcome = {name: {q["id"]: int(q["best_correct"]) for q in
+                          json.loads((base / f"{name}-s{seed}" / "test_selection.json").read_text())["questions"]}
+                   for name in ("vanilla", arm)}
+    except FileNotFoundError:
+        return None
+    diffs = [outcome[arm][k] - v for k, v in outcome["vanilla"].items()]
+    return 100 * statistics.stdev(diffs) / len(diffs) ** 0.5
+
+
 def runs_of(folder: Path, draw: int) -> list[dict]:
     results = json.loads((folder / f"draw_{draw}" / "results.json").read_text())["runs"]
     seeds = sorted({r["seed"] for r in results.values()})
@@ -33,8 +47,12 @@ def runs_of(folder: Path, draw: int) -> list[dict]:
             rows.append({"draw": draw, "seed": seed, "arm": arm, "vanilla": 100 * vanilla["by_n"]["8"]["prm"],
                          "dreamprm": 100 * r["by_n"]["8"]["prm"], "spearman": r["spearman_weight_noise"],
                          "inverted_above_clean": w["inverted"] > w["clean"], "meta_loss": r.get("meta_loss_end"),
-                         "weights": w})
+                         "weights": w, "se": paired_se(folder, draw, arm, seed)})
     return rows
+
+
+def _se(row: dict) -> str:
+    return "" if row["se"] is None else f" ± {row['se']:.1f}"
 
 
 def goals(rows: list[dict]) -> str:
@@ -58,7 +76,7 @@ def main() -> None:
     groups = {"working": args.working, "held back": args.held_back}
     all_rows = {g: [r for d in draws if (args.folder / f"draw_{d}" / "results.json").is_file()
                     for r in runs_of(args.folder, d)] for g, draws in groups.items()}
-    print("| draws | draw | seed | arm | vanilla B8 | DreamPRM B8 | gain | Spearman | inverted > clean | "
+    print("| draws | draw | seed | arm | vanilla B8 | DreamPRM B8 | gain ± paired s.e. | Spearman | inverted > clean | "
           "meta loss end | weights clean / n20 / n50 / n80 / inverted |")
     print("|---|---:|---:|---|---:|---:|---:|---:|---|---:|---|")
     for g, rows in all_rows.items():
@@ -66,7 +84,8 @@ def main() -> None:
             w = r["weights"]
             names = [k for k in ("clean", "noisy_20", "noisy_50", "noisy_80", "inverted") if k in w]
             print(f"| {g} | {r['draw']} | {r['seed']} | {r['arm']} | {r['vanilla']:.1f} | {r['dreamprm']:.1f} | "
-                  f"{r['dreamprm'] - r['vanilla']:+.1f} | {r['spearman']:+.2f} | "
+                  f"{r['dreamprm'] - r['vanilla']:+.1f}{_se(r)} | "
+                  f"{r['spearman']:+.2f} | "
                   f"{'YES' if r['inverted_above_clean'] else 'no'} | "
                   f"{r['meta_loss'] if r['meta_loss'] is None else round(r['meta_loss'], 3)} | "
                   f"{' / '.join(f'{w[k]:.2f}' for k in names)} |")
