@@ -72,6 +72,7 @@ def main() -> None:
     p.add_argument("folder", type=Path)
     p.add_argument("--working", type=int, nargs="+", required=True, help="draws looked at while working")
     p.add_argument("--held_back", type=int, nargs="*", default=[], help="draws kept back until the end")
+    p.add_argument("--json", type=Path, default=None, help="also write every run's row here")
     args = p.parse_args()
     groups = {"working": args.working, "held back": args.held_back}
     all_rows = {g: [r for d in draws if (args.folder / f"draw_{d}" / "results.json").is_file()
@@ -89,6 +90,8 @@ def main() -> None:
                   f"{'YES' if r['inverted_above_clean'] else 'no'} | "
                   f"{r['meta_loss'] if r['meta_loss'] is None else round(r['meta_loss'], 3)} | "
                   f"{' / '.join(f'{w[k]:.2f}' for k in names)} |")
+    if args.json:
+        args.json.write_text(json.dumps({g: rows for g, rows in all_rows.items()}, indent=1) + "\n")
     print()
     for g, rows in all_rows.items():
         for arm in ARMS:
