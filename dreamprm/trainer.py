@@ -65,7 +65,7 @@ class TrainState:
     samples: int = 0
 
     def as_dict(self) -> dict[str, int]:
-        """Flat, as checkpoints hold it (train_epoch, train_batch, meta_epoch, meta_batch)."""
+        """Flat, as checkpoints hold it (train_epoch, train_batch, meta_epoch, meta_batch, segment_train_epoch, ...)."""
         flat = {k: v for k, v in self.__dict__.items() if k not in _POSITIONS}
         for name in _POSITIONS:
             position = getattr(self, name)
