@@ -9,6 +9,17 @@ the rest written, in their original order, as a JSON list. Image paths are writt
 (resolved as training resolved them: against the training file's folder, or `--image_root`), so the
 cleaned file trains from wherever it is saved. A list of the records dropped is written beside it
 (`<out>.dropped.jsonl`). Standard library only: this answers in well under a second.
+
+`--rank_by loss` drops by the plain baseline instead: each record's training loss at its last visit
+by an upper step (the report's `loss`), highest first; records never visited rank as the most trusted.
+
+Where some corrupted records are known (an audit list: a JSON list of record indices in the training
+file), `--audit FILE` prints how well each ranking finds them, as AUC = P(a clean record ranks as more
+trustworthy than a corrupted one), 0.5 chance: the learned weights, the domain x record weight the
+lower loss used (from `domain_weights.json` beside the report), and the loss ranking. With `--audit`,
+`--drop` and `--out` are optional (audit only).
+
+    dreamprm-clean --report runs/clean/instance_weights.jsonl --audit known_bad.json
 """
 from __future__ import annotations
 
@@ -21,6 +32,7 @@ from typing import Any, Sequence
 
 from dreamprm.config import EXIT_USER_ERROR
 from dreamprm.data.records import read_json_records
+from dreamprm.ranking import auc
 
 
 def parse_drop(text: str, total: int) -> int:
@@ -81,6 +93,16 @@ def train_file_of(rows: list[dict[str, Any]], report: Path, given: str | None) -
                      f"from {report.parent}); pass --train_json_file")
 
 
+def training_records(rows: list[dict[str, Any]], report: Path, given: str | None) -> tuple[Path, list[Any]]:
+    """The training file the report ranks, and its records (ValueError with the file's problems)."""
+    train = train_file_of(rows, report, given)
+    problems: list[str] = []
+    records = read_json_records(train, problems)
+    if problems:
+        raise ValueError("\n".join(problems[:20]))
+    return train, records
+
+
 def absolute_images(record: dict[str, Any], root: Path) -> dict[str, Any]:
     path = record.get("image_path")
     if isinstance(path, str) and not os.path.isabs(path):
@@ -88,16 +110,60 @@ def absolute_images(record: dict[str, Any], root: Path) -> dict[str, Any]:
     return record
 
 
+def by_loss(rows: list[dict[str, Any]], report: Path) -> list[dict[str, Any]]:
+    """The rows ordered by the loss ranking: highest loss first, never-visited rows (loss null) last."""
+    if not any("loss" in row for row in rows):
+        raise ValueError(f"--rank_by loss: {report}: loss: the report has no loss column (written by a version "
+                         "before it, or by a run whose upper level never ran)")
+    visited = [row for row in rows if isinstance(row.get("loss"), (int, float))]
+    return (sorted(visited, key=lambda row: (-row["loss"], row["record"]))
+            + [row for row in rows if not isinstance(row.get("loss"), (int, float))])
+
+
+def read_audit(path: Path, records: int) -> set[int]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"--audit {path}: cannot be read as JSON ({err.__class__.__name__}: {err})") from None
+    if not isinstance(data, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in data):
+        raise ValueError(f"--audit {path}: expected a JSON list of record indices (integers) in the training file")
+    outside = [i for i in data if not 0 <= i < records]
+    if outside:
+        raise ValueError(f"--audit {path}: record {outside[0]}: outside the {records} records of the report's "
+                         "training file")
+    return set(data)
+
+
+def audit(rows: list[dict[str, Any]], report: Path, corrupted: set[int]) -> list[tuple[str, float, int]]:
+    """(ranking, AUC, records scored) for the learned weights, domain x record weights and the loss ranking."""
+    def score(subset: list[dict[str, Any]], key) -> float:
+        value = auc([key(r) for r in subset], [r["record"] not in corrupted for r in subset])
+        return float("nan") if value is None else value
+
+    out = [("instance weights", score(rows, lambda r: r["weight"]), len(rows))]
+    domain_file = report.parent / "domain_weights.json"
+    if domain_file.is_file() and all("domain" in r for r in rows):
+        domain_weight = json.loads(domain_file.read_text(encoding="utf-8")).get("weights", {})
+        # Only where the run learned domain weights (--weighting both/both_net); else the same ranking as above.
+        if all(r["domain"] in domain_weight for r in rows) and any(w != 1.0 for w in domain_weight.values()):
+            out.append(("domain x record weights (what the lower loss used)",
+                        score(rows, lambda r: r["weight"] * domain_weight[r["domain"]]), len(rows)))
+    visited = [r for r in rows if isinstance(r.get("loss"), (int, float))]
+    if visited:
+        out.append(("loss ranking (records visited by an upper step)", score(visited, lambda r: -r["loss"]),
+                    len(visited)))
+        out.append(("instance weights, the same records", score(visited, lambda r: r["weight"]), len(visited)))
+    return out
+
+
 def clean(report: Path, drop: str, out: Path, train_json_file: str | None = None,
-          image_root: str | None = None) -> tuple[int, int]:
+          image_root: str | None = None, rank_by: str = "weight") -> tuple[int, int]:
     """Write the cleaned file; returns (records kept, records dropped). Raises ValueError on a user error
     before anything is written."""
     rows = read_report(report)
-    train = train_file_of(rows, report, train_json_file)
-    problems: list[str] = []
-    records = read_json_records(train, problems)
-    if problems:
-        raise ValueError("\n".join(problems[:20]))
+    if rank_by == "loss":
+        rows = by_loss(rows, report)
+    train, records = training_records(rows, report, train_json_file)
     outside = [row["record"] for row in rows if not 0 <= row["record"] < len(records)]
     if outside:
         raise ValueError(f"--report {report}: record: {len(outside)} row(s) point past the {len(records)} records of "
@@ -105,7 +171,7 @@ def clean(report: Path, drop: str, out: Path, train_json_file: str | None = None
     count = parse_drop(drop, len(records))
     if out.resolve() == train.resolve():
         raise ValueError(f"--out {out}: is the training file itself; write the cleaned file elsewhere")
-    dropped = rows[:count]  # the report is sorted lowest weight first
+    dropped = rows[:count]  # the report is sorted lowest weight first (by_loss: highest loss first)
     left_out = {row["record"] for row in dropped}
     root = Path(image_root) if image_root else train.resolve().parent
     kept = [absolute_images(r, root) if isinstance(r, dict) else r
@@ -124,9 +190,14 @@ def build_parser(prog: str = "dreamprm-clean") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description="A cleaned training file: the records with the lowest "
                                      "instance weights left out, image paths made absolute.")
     parser.add_argument("--report", required=True, help="instance_weights.jsonl of a --weighting instance|both run")
-    parser.add_argument("--drop", required=True, help="how many of the lowest-weighted records to leave out: "
+    parser.add_argument("--drop", help="how many of the lowest-weighted records to leave out: "
                         "a share (5%%) or a count (20)")
-    parser.add_argument("--out", required=True, help="the cleaned training file to write (a JSON list)")
+    parser.add_argument("--out", help="the cleaned training file to write (a JSON list)")
+    parser.add_argument("--rank_by", choices=("weight", "loss"), default="weight",
+                        help="which records go first: the lowest learned weights (default), or the highest "
+                        "training loss at the last upper-step visit (the plain baseline)")
+    parser.add_argument("--audit", help="a JSON list of record indices known to be corrupted: print how well "
+                        "each ranking finds them (AUC); --drop/--out become optional")
     parser.add_argument("--train_json_file", help="the training file the report ranks (default: its 'file')")
     parser.add_argument("--image_root", help="the folder its image paths are relative to, if training used "
                         "--image_root (default: the training file's folder)")
@@ -134,12 +205,30 @@ def build_parser(prog: str = "dreamprm-clean") -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "dreamprm-clean") -> int:
-    args = build_parser(prog).parse_args(argv)
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    if (args.drop is None or args.out is None) and (args.audit is None or (args.drop, args.out) != (None, None)):
+        parser.error("--drop and --out go together, and are required without --audit")
+    report = Path(args.report)
     try:
-        kept, dropped = clean(Path(args.report), args.drop, Path(args.out), args.train_json_file, args.image_root)
+        if args.audit:
+            rows = read_report(report)
+            _, records = training_records(rows, report, args.train_json_file)
+            corrupted = read_audit(Path(args.audit), len(records))
+            table = audit(rows, report, corrupted)
+        if args.out:
+            kept, dropped = clean(report, args.drop, Path(args.out), args.train_json_file, args.image_root,
+                                  args.rank_by)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
+    if args.audit:
+        print(f"{args.audit}: {len(corrupted)} known corrupted records; AUC = P(a clean record ranks as more "
+              "trustworthy than a corrupted one), 0.5 chance:")
+        for name, value, scored in table:
+            print(f"  {value:.3f}  {name} ({scored} records)")
+    if not args.out:
+        return 0
     print(f"{args.out}: {kept} records kept, {dropped} dropped (listed in "
           f"{Path(args.out).with_name(Path(args.out).stem + '.dropped.jsonl')})", flush=True)
     return 0

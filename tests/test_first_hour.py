@@ -254,6 +254,47 @@ def test_clean_refuses_with_one_error_line_and_writes_nothing(tmp_path, capsys, 
     assert not out.parent.exists()
 
 
+def test_clean_audits_each_ranking_against_known_corrupted_records_and_drops_by_loss(tmp_path, capsys):
+    """--audit prints the AUC of the weights, of domain x record weights and of the loss ranking;
+    --rank_by loss drops the highest losses first and never a record without a loss."""
+    from dreamprm.clean import main
+    train = DEMO / "train.json"
+    # Records 0-9 are the known corrupted ones, in a domain "bad" weighted 0.001 ("good": 1).
+    # Weights: 0-2 lowest, 3-9 above every clean record -> AUC 0.3. Loss: 0-7 highest, 8-9 the lowest ->
+    # AUC 0.8. Domain x record: every corrupted record below every clean one -> AUC 1. The last record
+    # was never visited (loss null).
+    weight = {i: (i if i < 3 else 1000 + i if i < 10 else 100 + i) for i in range(369)}
+    loss = {i: (10.0 - i if i < 8 else 0.0001 * i if i < 10 else 0.01 + 0.001 * i) for i in range(369)}
+    loss[368] = None
+    (tmp_path / "domain_weights.json").write_text(json.dumps({"weights": {"bad": 0.001, "good": 1.0}}))
+    report = tmp_path / "instance_weights.jsonl"
+    report.write_text("".join(json.dumps({"file": str(train), "record": i, "domain": "bad" if i < 10 else "good",
+                                          "weight": weight[i], "loss": loss[i]}) + "\n"
+                              for i in sorted(range(369), key=weight.get)))
+    (tmp_path / "bad.json").write_text(json.dumps(list(range(10))))
+    out = tmp_path / "cleaned.json"
+    assert main(["--report", str(report), "--audit", str(tmp_path / "bad.json"), "--rank_by", "loss",
+                 "--drop", "5", "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"{tmp_path / 'bad.json'}: 10 known corrupted records")
+    table = {line.split("  ", 2)[2].rsplit(" (", 1)[0]: float(line.split()[0]) for line in lines[1:5]}
+    assert table["instance weights"] == pytest.approx(0.3, abs=1e-3)
+    assert table["loss ranking (records visited by an upper step)"] == pytest.approx(0.8, abs=1e-3)
+    assert table["domain x record weights (what the lower loss used)"] == pytest.approx(1.0, abs=1e-3)
+    dropped = [r["record"] for r in map(json.loads, out.with_name("cleaned.dropped.jsonl").open())]
+    assert dropped == [0, 1, 2, 3, 4]
+    # Dropping all but one by loss leaves the never-visited record in.
+    assert main(["--report", str(report), "--rank_by", "loss", "--drop", "368", "--out", str(out)]) == 0
+    assert len(read_json(out)) == 1 and read_json(out)[0]["id"] == read_json(train)[368]["id"]
+    # Audit only: nothing written; a bad audit file is one error line.
+    assert main(["--report", str(report), "--audit", str(tmp_path / "bad.json")]) == 0
+    (tmp_path / "worse.json").write_text("[3, 4000]")
+    capsys.readouterr()
+    assert main(["--report", str(report), "--audit", str(tmp_path / "worse.json")]) == EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "record 4000: outside the 369 records" in err, err
+
+
 # ---------------------------------------------------------------- the real entry points, timed
 def timed(command: list[str], cwd: Path = REPO) -> tuple[subprocess.CompletedProcess, float]:
     started = time.perf_counter()

@@ -39,6 +39,12 @@ ARMS = {
     "both_net": ["--weighting", "both_net"],
     "clipped": ["--weighting", "instance", "--instance_recipe", "clipped"],
 }
+# The feature ablation of the instance net: each arm drops one input (or keeps only the loss gap).
+NET_FEATURES = ("mc", "gap", "position", "domain")
+for _name in NET_FEATURES:
+    ARMS[f"net_no_{_name}"] = ["--weighting", "instance_net", "--instance_net_features",
+                               ",".join(f for f in NET_FEATURES if f != _name)]
+ARMS["net_gap_only"] = ["--weighting", "instance_net", "--instance_net_features", "gap"]
 
 
 def detector_scores(run: Path, task: Path) -> dict:

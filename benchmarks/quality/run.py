@@ -76,6 +76,9 @@ ARMS = {
     "exact": ["--hypergrad", "exact"],  # defaults with the exact estimator (whatever --hypergrad says)
     "instance": ["--weighting", "instance", "--hypergrad", "fd"],  # one weight per record (needs fd)
     "both": ["--weighting", "both", "--hypergrad", "fd"],  # domain x record weights
+    "instance_net": ["--weighting", "instance_net", "--hypergrad", "fd"],  # record weights from the instance net
+    "both_net": ["--weighting", "both_net", "--hypergrad", "fd"],  # domain x instance-net weights
+    "clipped": ["--weighting", "instance", "--instance_recipe", "clipped", "--hypergrad", "fd"],  # DreamPRM-1.5's table
     "clean": ["--baseline"],  # the clean domain(s) alone, from scratch
     "evidence": ["--meta_loss", "pairwise", "--meta_evidence", "2"],  # the gate also waits for a meta loss below chance
     "vanilla_bf16": ["--baseline"],  # what GPU users run: bf16 (from a bf16 warm-up)
@@ -91,11 +94,16 @@ ARM_LABELS = {"vanilla": "vanilla PRM (--baseline)", "mse": "DreamPRM, original 
               "exact": "DreamPRM, defaults with --hypergrad exact", "clean": "vanilla PRM, clean domain(s) only",
               "instance": "DreamPRM, instance weights (--weighting instance)",
               "both": "DreamPRM, domain x instance weights (--weighting both)",
+              "instance_net": "DreamPRM, instance net (--weighting instance_net)",
+              "both_net": "DreamPRM, domain x instance net (--weighting both_net)",
+              "clipped": "DreamPRM-1.5's record table, unnormalised, clipped to [-1, 3] (--instance_recipe clipped)",
               "evidence": "DreamPRM, defaults with --meta_evidence 2",
               "vanilla_bf16": "vanilla PRM, --precision bf16",
               "pairwise_bf16": "DreamPRM, defaults, --precision bf16 (--hypergrad exact)"}
-BILEVEL_ARMS = ("mse", "pairwise", "grouped", "evidence", "original", "exact", "instance", "both", "pairwise_bf16")
-INSTANCE_ARMS = ("instance", "both")
+BILEVEL_ARMS = ("mse", "pairwise", "grouped", "evidence", "original", "exact", "instance", "both", "instance_net",
+                "both_net", "clipped", "pairwise_bf16")
+INSTANCE_ARMS = ("instance", "both", "instance_net", "both_net", "clipped")
+DOMAIN_FREE_ARMS = ("instance", "instance_net", "clipped")  # domain weights stay 1: each domain's mean record weight is shown
 # The arm each DreamPRM arm is compared with (same precision, same warm-up).
 BASELINE_OF = {"pairwise_bf16": "vanilla_bf16"}
 
@@ -187,7 +195,15 @@ def instance_report(run: Path, task: Path, domains: list[str]) -> dict:
     weight = {r["record"]: r["weight"] for r in rows}
     domain = {r["record"]: r["domain"] for r in rows}
     clean = [w for i, w in weight.items() if i not in bad]
+    # What the lower loss multiplies a record by: its domain's weight times its own (domain weights are 1
+    # without --weighting both/both_net).
+    domain_weight = json.loads((run / "domain_weights.json").read_text())["weights"]
+    effective = {i: w * domain_weight[domain[i]] for i, w in weight.items()}
     out = {"auc": auc(clean, [weight[i] for i in bad]), "auc_by_domain": {},
+           "auc_effective": auc([w for i, w in effective.items() if i not in bad], [effective[i] for i in bad]),
+           # The plain baseline: each record's loss at its last visit by an upper step, lower ranks cleaner.
+           "auc_loss": auc([-r["loss"] for r in rows if r.get("loss") is not None and r["record"] not in bad],
+                           [-r["loss"] for r in rows if r.get("loss") is not None and r["record"] in bad]),
            "mean_weight": {d: statistics.fmean(w for i, w in weight.items() if domain[i] == d) for d in domains}}
     for d in domains:
         own_bad = [weight[i] for i in bad if domain[i] == d]
@@ -294,7 +310,7 @@ def collect(args, root: Path) -> dict:
                     weights = json.loads((run / "domain_weights.json").read_text())["weights"]
                     if arm in INSTANCE_ARMS:
                         entry["instance"] = instance_report(run, root / task_name / "task", list(noise))
-                        if arm == "instance":  # domain weights stay 1: report each domain's mean record weight
+                        if arm in DOMAIN_FREE_ARMS:
                             weights = entry["instance"]["mean_weight"]
                     entry["weights"] = {name: weights[name] for name in noise}
                     entry["spearman_weight_noise"] = spearman([weights[n] for n in noise], list(noise.values()))
@@ -358,12 +374,15 @@ def instance_table(args, task_name: str, manifest: dict, runs: dict) -> list[str
     lines = [f"Instance weights as a detector of the {manifest['corrupted_records']} records whose label the corruption "
              "changed: AUC (P(clean record weighted above a corrupted one); 0.5 chance), over the task and within "
              "each domain that holds both clean and corrupted records:", "",
-             "| arm | over the task, mean ± std | per seed | " + " | ".join(f"within {d}" for d in mixed) + " |",
-             "|---|---:|---:|" + "---:|" * len(mixed)]
+             "| arm | over the task, mean ± std | per seed | " + " | ".join(f"within {d}" for d in mixed)
+             + " | domain x record weight, over the task | loss ranking of the same run (visited records) |",
+             "|---|---:|---:|" + "---:|" * (len(mixed) + 2)]
     for arm in arms:
         entries = [runs[f"{arm}-{task_name}-s{s}"]["instance"] for s in args.seeds]
         cells = [fmt([e["auc"] for e in entries]), " ".join(f"{e['auc']:.2f}" for e in entries)]
         cells += [fmt([e["auc_by_domain"][d] for e in entries]) for d in mixed]
+        cells += [fmt([e["auc_effective"] for e in entries]) if arm not in DOMAIN_FREE_ARMS else "(the same)"]
+        cells += [fmt([e["auc_loss"] for e in entries])]
         lines.append(f"| {ARM_LABELS[arm]} | " + " | ".join(cells) + " |")
     return lines + [""]
 
