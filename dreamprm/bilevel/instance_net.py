@@ -9,9 +9,10 @@ weight of every record that looks like them, visited or not.
 Features (`--instance_net_features`, a comma list; each is cheap for the trainer):
 
     mc        the record's Monte Carlo accuracy (its training target)
-    gap       |MC accuracy - PRM prediction| = sqrt(ℓ_i) for the MSE loss: ℓ_i measured by the two
-              forwards of the upper step that last visited the record (their mean ≈ ℓ_i(θ)); a record
-              not yet visited takes the mean over the visited ones
+    gap       sqrt(ℓ_i), the record's lower loss: |MC accuracy - PRM prediction| for the MSE loss (for
+              the generative head's cross-entropy it grows with the same mismatch); ℓ_i measured by the
+              two forwards of the upper step that last visited the record (their mean ≈ ℓ_i(θ)); a
+              record not yet visited takes the mean over the visited ones
     position  step index / the chain's last step index (0 without a chain id)
     domain    one-hot of the record's domain
 
