@@ -88,3 +88,25 @@ def test_grouped_meta_set_has_four_balanced_chains_per_question_and_as_many_chai
     assert [len(u) for u in MetaDataset(records).question_units()] == [4] * 6
     with pytest.raises(ValueError, match="multiple of 4"):
         make_task.build_meta_grouped(0, tmp_path, 10)
+
+
+def test_instance_report_scores_the_record_weights_the_domain_product_and_the_loss_ranking(tmp_path):
+    """Per arm: AUC of the record weights, of domain x record weights (what the lower loss used), and of
+    the loss ranking of visited records, each against the task's corrupted records."""
+    import json
+    task, run = tmp_path / "task", tmp_path / "run"
+    task.mkdir(), run.mkdir()
+    (task / "corrupted.json").write_text(json.dumps([0, 1]))
+    rows = [  # record, domain, weight, loss
+        (0, "a", 0.5, 0.9), (1, "b", 2.0, None), (2, "a", 1.0, 0.1), (3, "b", 1.5, 0.95), (4, "b", 0.2, 0.2)]
+    (run / "instance_weights.jsonl").write_text("".join(
+        json.dumps({"record": i, "domain": d, "weight": w, "loss": loss}) + "\n" for i, d, w, loss in rows))
+    (run / "domain_weights.json").write_text(json.dumps({"weights": {"a": 1.0, "b": 10.0}}))
+    report = quality.instance_report(run, task, ["a", "b"])
+    # Weights: clean 1.0, 1.5, 0.2 against corrupted 0.5, 2.0 -> 2 of 6 pairs.
+    assert report["auc"] == pytest.approx(2 / 6)
+    # Domain x record: clean 1.0, 15, 2 against 0.5, 20 -> 3 of 6.
+    assert report["auc_effective"] == pytest.approx(3 / 6)
+    # Loss (record 1 never visited): clean -0.1, -0.95, -0.2 against -0.9 -> 2 of 3.
+    assert report["auc_loss"] == pytest.approx(2 / 3)
+    assert report["auc_by_domain"] == {"a": 1.0, "b": 0.0}
