@@ -31,6 +31,7 @@ from benchmarks.hypergrad_fidelity import (add_model_and_data_args, best_time, c
 from dreamprm.bilevel.instance_net import InstanceNet, RecordFeatures  # noqa: E402
 from dreamprm.bilevel.instance_weights import InstanceWeights  # noqa: E402
 from dreamprm.bilevel.upper import finite_difference, instance_update, meta_gradient  # noqa: E402
+from dreamprm.config import BilevelConfig  # noqa: E402
 from dreamprm.losses import per_sample_mse  # noqa: E402
 from dreamprm.model.prm import model_inputs  # noqa: E402
 
@@ -43,6 +44,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--radius", type=float, default=1e-2)
     p.add_argument("--meta_loss", default="pairwise", choices=("mse", "pairwise"))
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--features", default=BilevelConfig.instance_net_features,
+                   help="the net's inputs (default: the trainer's --instance_net_features default)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats (the best is reported)")
     p.add_argument("--reference", action="store_true", help="also compute the fp64 reference (rank 0)")
     p.add_argument("--out", default=None, help="JSON results (rank 0)")
@@ -58,10 +61,10 @@ def main(argv: list[str] | None = None) -> dict:
     k = len(domains)
     train, meta = engine.to_device(train), engine.to_device(meta)
     table = InstanceWeights(args.global_batch, lr=0.3)
-    # The instance net over these records (features: accuracy, position, domain; `gap` from the losses
-    # the two forwards measure), its last layer made non-zero so that its Jacobian is not degenerate.
+    # The instance net over these records (`gap` from the losses the two forwards measure), its last
+    # layer made non-zero so that its Jacobian is not degenerate.
     net = InstanceNet(RecordFeatures(full_train["target"].float(), torch.linspace(0, 1, args.global_batch),
-                                     full_train["domain"], k), ("mc", "gap", "position", "domain"), lr=0.01, seed=args.seed)
+                                     full_train["domain"], k), tuple(args.features.split(",")), lr=0.01, seed=args.seed)
     with torch.no_grad():
         net.net[2].weight.copy_(torch.linspace(-1.0, 1.0, net.net[2].weight.numel()).reshape(net.net[2].weight.shape))
 
