@@ -207,7 +207,8 @@ def build_parser(prog: str = "dreamprm-clean") -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None, prog: str = "dreamprm-clean") -> int:
     parser = build_parser(prog)
     args = parser.parse_args(argv)
-    if (args.drop is None or args.out is None) and (args.audit is None or (args.drop, args.out) != (None, None)):
+    cleaning = args.drop is not None, args.out is not None
+    if cleaning[0] != cleaning[1] or not (any(cleaning) or args.audit):
         parser.error("--drop and --out go together, and are required without --audit")
     report = Path(args.report)
     try:

@@ -143,8 +143,9 @@ class BilevelConfig:
                                 "hypergradient is RMS-normalised over each update's records first)")
     instance_net_features: str = _f("gap,position,domain", "--weighting instance_net/both_net: the net's inputs, "
                                     "a comma list of " + ", ".join(INSTANCE_NET_FEATURES) + " (mc: Monte Carlo "
-                                    "accuracy; gap: sqrt of the record's lower loss at the last visit, |accuracy - PRM prediction| for the squared error; position: step "
-                                    "index / last step of the chain; domain: one-hot). The default leaves mc out: "
+                                    "accuracy; gap: sqrt of the record's lower loss at the last visit, |accuracy - "
+                                    "PRM prediction| for the squared error; position: step index / last step of the "
+                                    "chain; domain: one-hot). The default leaves mc out: "
                                     "with it the net found corrupted records worse in 3 of 3 benchmark seeds")
     weight_check_every: int = _f(10, "check every N upper steps that all ranks hold identical domain weights")
     meta_warmup_steps: int = _f(0, "cold start: the first N lower-level steps are vanilla (every weight 1, no upper "

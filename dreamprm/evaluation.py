@@ -14,7 +14,7 @@ the file's N (PRM selection, N < max: mean over seeded subsets as Best-of-N repo
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 

@@ -64,7 +64,8 @@ sys.path[:0] = [str(HERE), str(REPO)]
 
 import make_task  # noqa: E402
 
-from dreamprm.evaluation import average_ranks as ranks  # noqa: E402
+from dreamprm.ranking import auc as roc_auc  # noqa: E402
+from dreamprm.ranking import average_ranks as ranks  # noqa: E402
 
 # Arm -> the trainer flags that make it (DreamPRM arms: everything else at the trainer's defaults).
 ARMS = {
@@ -182,9 +183,7 @@ def spearman(x: list[float], y: list[float]) -> float:
 
 def auc(clean: list[float], corrupted: list[float]) -> float:
     """P(a clean record's weight > a corrupted one's), ties counting 1/2 (Mann-Whitney)."""
-    r = ranks(clean + corrupted)
-    n_clean, n_bad = len(clean), len(corrupted)
-    return (sum(r[:n_clean]) - n_clean * (n_clean + 1) / 2) / (n_clean * n_bad)
+    return roc_auc(clean + corrupted, [True] * len(clean) + [False] * len(corrupted))
 
 
 def instance_report(run: Path, task: Path, domains: list[str]) -> dict:
