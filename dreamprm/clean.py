@@ -134,25 +134,41 @@ def read_audit(path: Path, records: int) -> set[int]:
     return set(data)
 
 
+def ranking_aucs(rows: list[dict[str, Any]], corrupted: set[int],
+                 domain_weight: dict[str, float] | None = None) -> dict[str, float | None]:
+    """AUC against the corrupted records of each ranking an instance-weight report offers: `weights`
+    (every row), `effective` (domain x record weight, where `domain_weight` is given), `loss` and
+    `weights_visited` (the rows an upper step visited, which alone have a loss). None: not defined."""
+    def score(subset: list[dict[str, Any]], key) -> float | None:
+        return auc([key(r) for r in subset], [r["record"] not in corrupted for r in subset]) if subset else None
+
+    visited = [r for r in rows if isinstance(r.get("loss"), (int, float))]
+    return {"weights": score(rows, lambda r: r["weight"]),
+            "effective": None if domain_weight is None else
+            score(rows, lambda r: r["weight"] * domain_weight[r["domain"]]),
+            "loss": score(visited, lambda r: -r["loss"]), "weights_visited": score(visited, lambda r: r["weight"]),
+            "records": len(rows), "visited": len(visited)}
+
+
 def audit(rows: list[dict[str, Any]], report: Path, corrupted: set[int]) -> list[tuple[str, float, int]]:
     """(ranking, AUC, records scored) for the learned weights, domain x record weights and the loss ranking."""
-    def score(subset: list[dict[str, Any]], key) -> float:
-        value = auc([key(r) for r in subset], [r["record"] not in corrupted for r in subset])
-        return float("nan") if value is None else value
-
-    out = [("instance weights", score(rows, lambda r: r["weight"]), len(rows))]
+    domain_weight = None
     domain_file = report.parent / "domain_weights.json"
     if domain_file.is_file() and all("domain" in r for r in rows):
-        domain_weight = json.loads(domain_file.read_text(encoding="utf-8")).get("weights", {})
+        weights = json.loads(domain_file.read_text(encoding="utf-8")).get("weights", {})
         # Only where the run learned domain weights (--weighting both/both_net); else the same ranking as above.
-        if all(r["domain"] in domain_weight for r in rows) and any(w != 1.0 for w in domain_weight.values()):
-            out.append(("domain x record weights (what the lower loss used)",
-                        score(rows, lambda r: r["weight"] * domain_weight[r["domain"]]), len(rows)))
-    visited = [r for r in rows if isinstance(r.get("loss"), (int, float))]
-    if visited:
-        out.append(("loss ranking (records visited by an upper step)", score(visited, lambda r: -r["loss"]),
-                    len(visited)))
-        out.append(("instance weights, the same records", score(visited, lambda r: r["weight"]), len(visited)))
+        if all(r["domain"] in weights for r in rows) and any(w != 1.0 for w in weights.values()):
+            domain_weight = weights
+    aucs = ranking_aucs(rows, corrupted, domain_weight)
+    nan = float("nan")
+    out = [("instance weights", nan if aucs["weights"] is None else aucs["weights"], aucs["records"])]
+    if aucs["effective"] is not None:
+        out.append(("domain x record weights (what the lower loss used)", aucs["effective"], aucs["records"]))
+    if aucs["visited"]:
+        out.append(("loss ranking (records visited by an upper step)", nan if aucs["loss"] is None else aucs["loss"],
+                    aucs["visited"]))
+        out.append(("instance weights, the same records",
+                    nan if aucs["weights_visited"] is None else aucs["weights_visited"], aucs["visited"]))
     return out
 
 

@@ -32,6 +32,8 @@ sys.path[:0] = [str(HERE), str(HERE.parent.parent)]
 import make_task  # noqa: E402
 import run as quality  # noqa: E402
 
+from dreamprm.clean import ranking_aucs  # noqa: E402
+
 ARMS = {
     "instance": ["--weighting", "instance"],
     "both": ["--weighting", "both"],
@@ -51,17 +53,10 @@ def detector_scores(run: Path, task: Path) -> dict:
     """AUCs of the weights and of the loss ranking against the corrupted records."""
     bad = set(json.loads((task / "corrupted.json").read_text()))
     rows = [json.loads(line) for line in (run / "instance_weights.jsonl").read_text().splitlines()]
-    visited = [r for r in rows if r.get("loss") is not None]
-
-    def score(rs, key):
-        clean = [key(r) for r in rs if r["record"] not in bad]
-        corrupted = [key(r) for r in rs if r["record"] in bad]
-        return quality.auc(clean, corrupted) if clean and corrupted else float("nan")
-
-    return {"records": len(rows), "visited": len(visited), "corrupted": len(bad),
-            "auc_weights": score(rows, lambda r: r["weight"]),
-            "auc_weights_visited": score(visited, lambda r: r["weight"]),
-            "auc_loss_visited": score(visited, lambda r: -r["loss"])}
+    aucs = ranking_aucs(rows, bad)
+    return {"records": aucs["records"], "visited": aucs["visited"], "corrupted": len(bad),
+            "auc_weights": aucs["weights"], "auc_weights_visited": aucs["weights_visited"],
+            "auc_loss_visited": aucs["loss"]}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -64,6 +64,7 @@ sys.path[:0] = [str(HERE), str(REPO)]
 
 import make_task  # noqa: E402
 
+from dreamprm.clean import ranking_aucs  # noqa: E402
 from dreamprm.ranking import auc as roc_auc  # noqa: E402
 from dreamprm.ranking import average_ranks as ranks  # noqa: E402
 
@@ -193,16 +194,10 @@ def instance_report(run: Path, task: Path, domains: list[str]) -> dict:
     rows = [json.loads(line) for line in (run / "instance_weights.jsonl").read_text().splitlines()]
     weight = {r["record"]: r["weight"] for r in rows}
     domain = {r["record"]: r["domain"] for r in rows}
-    clean = [w for i, w in weight.items() if i not in bad]
-    # What the lower loss multiplies a record by: its domain's weight times its own (domain weights are 1
-    # without --weighting both/both_net).
-    domain_weight = json.loads((run / "domain_weights.json").read_text())["weights"]
-    effective = {i: w * domain_weight[domain[i]] for i, w in weight.items()}
-    out = {"auc": auc(clean, [weight[i] for i in bad]), "auc_by_domain": {},
-           "auc_effective": auc([w for i, w in effective.items() if i not in bad], [effective[i] for i in bad]),
-           # The plain baseline: each record's loss at its last visit by an upper step, lower ranks cleaner.
-           "auc_loss": auc([-r["loss"] for r in rows if r.get("loss") is not None and r["record"] not in bad],
-                           [-r["loss"] for r in rows if r.get("loss") is not None and r["record"] in bad]),
+    # The record weights; domain x record, what the lower loss multiplies a record by (domain weights are 1
+    # without --weighting both/both_net); and the plain loss ranking of the visited records.
+    aucs = ranking_aucs(rows, bad, json.loads((run / "domain_weights.json").read_text())["weights"])
+    out = {"auc": aucs["weights"], "auc_by_domain": {}, "auc_effective": aucs["effective"], "auc_loss": aucs["loss"],
            "mean_weight": {d: statistics.fmean(w for i, w in weight.items() if domain[i] == d) for d in domains}}
     for d in domains:
         own_bad = [weight[i] for i in bad if domain[i] == d]
