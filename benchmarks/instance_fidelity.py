@@ -73,14 +73,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     (v, _), t_meta = timed(lambda: meta_gradient(engine, meta, "mean_logit", args.meta_loss))
     v_norm = math.sqrt(float(engine.global_dot(v, v)))
-    at_theta: list[torch.Tensor] = []
+    at_theta: list[tuple[torch.Tensor, torch.Tensor]] = []
     (directional, per_record, epsilon), t_fd = timed(
         lambda: finite_difference(engine, v, [train], args.radius, v_norm, k, None, at_theta))
-    (rows, dloss_du, losses), t_gather = timed(lambda: instance_update(engine, [train], per_record, at_theta[-1:], None))
-    _, t_table = timed(lambda: table.update(rows, dloss_du, losses))
-    net.features.record_losses(rows, losses)
+    (rows, dloss_du, losses, predictions), t_gather = timed(
+        lambda: instance_update(engine, [train], per_record, at_theta[-1:], None))
+    _, t_table = timed(lambda: table.update(rows, dloss_du, losses, predictions))
+    net.features.record_losses(rows, losses, predictions)
     hyper_net_fd = net.parameter_gradient(rows, dloss_du.float())  # fp32, as the trainer takes it
-    _, t_net = timed(lambda: copy.deepcopy(net).update(rows, dloss_du, losses))
+    _, t_net = timed(lambda: copy.deepcopy(net).update(rows, dloss_du, losses, predictions))
     # Every rank's (record, d_i): the same all-gather the trainer uses for the table update.
     local = torch.stack([train["record"].cpu().double(), per_record[0].cpu()], dim=1)
     gathered = engine.all_gather(local.to(engine.info.device)).cpu()

@@ -3,7 +3,7 @@
 For tables of 10^5 .. 10^7 records, on every rank of a real process group (gloo on CPU, NCCL with
 GPUs), for the per-record table (`--weighting instance|both`) and the instance net
 (`instance_net|both_net`): the resident memory it adds, the time of one update (the all-gather of
-the global batch's (row, ∂L/∂u, loss) triples that `dreamprm.bilevel.upper.instance_update` sends,
+the global batch's (row, ∂L/∂u, loss, prediction) rows that `dreamprm.bilevel.upper.instance_update` sends,
 and `update`: the table's step, or the net's vector-Jacobian product, Adam step and normaliser), the
 bytes that all-gather moves, and the O(table) work the trainer does only now and then (the
 replicated-state checksum, every --weight_check_every upper steps; the weights for histograms and
@@ -41,10 +41,10 @@ def state_bytes(weights) -> int:
     """Bytes of the tensors the table or the net keeps for the whole run (what RSS cannot isolate:
     the allocator reuses the memory a previous size freed)."""
     if isinstance(weights, InstanceWeights):
-        tensors = [weights.logits, weights.loss]
+        tensors = [weights.logits, weights.loss, weights.prediction]
     else:
         f = weights.features
-        tensors = [f.accuracy, f.position, f.domain, f.loss, weights.mean_rows, weights.mean_inputs,
+        tensors = [f.accuracy, f.position, f.domain, f.loss, f.prediction, weights.mean_rows, weights.mean_inputs,
                    *weights.net.parameters()]
         tensors += [t for state in weights.optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
     return sum(t.numel() * t.element_size() for t in tensors)
@@ -94,16 +94,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
         def update():
             rows = torch.randint(0, size, (args.local_rows,), generator=generator)
             local = torch.stack([rows.double(), torch.randn(args.local_rows, generator=generator, dtype=torch.float64),
+                                 torch.rand(args.local_rows, generator=generator, dtype=torch.float64),
                                  torch.rand(args.local_rows, generator=generator, dtype=torch.float64)], dim=1)
-            triples = DistributedEngine.all_gather(gather, local)
-            table.update(triples[:, 0].long(), triples[:, 1], triples[:, 2])
+            gathered = DistributedEngine.all_gather(gather, local)
+            table.update(gathered[:, 0].long(), gathered[:, 1], gathered[:, 2], gathered[:, 3])
 
         update_s = timed(update, args.repeats)
         checksum_s = timed(lambda: table.checksum(), 3)
         peak_before = resident_bytes()
         report_s = timed(lambda: table.all_weights(), 3)
         row = {"records": size, "kind": kind, "state_mb": state_bytes(table) / 1e6, "resident_mb_added": held / 1e6, "update_ms": update_s * 1e3,
-               "gathered_bytes": args.local_rows * info.world_size * 3 * 8, "checksum_ms": checksum_s * 1e3,
+               "gathered_bytes": args.local_rows * info.world_size * 4 * 8, "checksum_ms": checksum_s * 1e3,
                "weights_for_report_ms": report_s * 1e3,
                "report_transient_mb": max(resident_bytes() - peak_before, 0) / 1e6}
         rows_out.append(row)

@@ -10,13 +10,16 @@ the rest written, in their original order, as a JSON list. Image paths are writt
 cleaned file trains from wherever it is saved. A list of the records dropped is written beside it
 (`<out>.dropped.jsonl`). Standard library only: this answers in well under a second.
 
-`--rank_by loss` drops by the plain baseline instead: each record's training loss at its last visit
-by an upper step (the report's `loss`), highest first; records never visited rank as the most trusted.
+Two plain baselines rank instead of the weights: `--rank_by loss`, each record's training loss at its
+last visit by an upper step (the report's `loss`), highest first; `--rank_by gap`, the distance
+|MC accuracy - PRM prediction| at that visit (`mc`, `prediction`), largest first. Records never visited
+rank as the most trusted. (For the scalar heads' squared error the two order the records alike; for the
+generative head's cross-entropy they differ: its loss is high wherever the MC accuracy is near 0.5.)
 
 Where some corrupted records are known (an audit list: a JSON list of record indices in the training
 file), `--audit FILE` prints how well each ranking finds them, as AUC = P(a clean record ranks as more
 trustworthy than a corrupted one), 0.5 chance: the learned weights, the domain x record weight the
-lower loss used (from `domain_weights.json` beside the report), and the loss ranking. With `--audit`,
+lower loss used (from `domain_weights.json` beside the report), and both baselines. With `--audit`,
 `--drop` and `--out` are optional (audit only).
 
     dreamprm-clean --report runs/clean/instance_weights.jsonl --audit known_bad.json
@@ -110,14 +113,27 @@ def absolute_images(record: dict[str, Any], root: Path) -> dict[str, Any]:
     return record
 
 
-def by_loss(rows: list[dict[str, Any]], report: Path) -> list[dict[str, Any]]:
-    """The rows ordered by the loss ranking: highest loss first, never-visited rows (loss null) last."""
-    if not any("loss" in row for row in rows):
-        raise ValueError(f"--rank_by loss: {report}: loss: the report has no loss column (written by a version "
-                         "before it, or by a run whose upper level never ran)")
-    visited = [row for row in rows if isinstance(row.get("loss"), (int, float))]
-    return (sorted(visited, key=lambda row: (-row["loss"], row["record"]))
-            + [row for row in rows if not isinstance(row.get("loss"), (int, float))])
+def distrust(row: dict[str, Any], baseline: str) -> float | None:
+    """A row's score under a baseline ranking (higher: less trusted); None where it was never measured."""
+    if baseline == "loss":
+        value = row.get("loss")
+        return value if isinstance(value, (int, float)) else None
+    prediction, mc = row.get("prediction"), row.get("mc")
+    if isinstance(prediction, (int, float)) and isinstance(mc, (int, float)):
+        return abs(mc - prediction)
+    return None
+
+
+def by_baseline(rows: list[dict[str, Any]], report: Path, baseline: str) -> list[dict[str, Any]]:
+    """The rows ordered by a baseline ranking ('loss' or 'gap'): least trusted first, never-visited rows last."""
+    column = "loss" if baseline == "loss" else "prediction"
+    if not any(column in row for row in rows):
+        raise ValueError(f"--rank_by {baseline}: {report}: {column}: the report has no {column} column (written by "
+                         "a version before it, or by a run whose upper level never ran)")
+    scored = [(distrust(row, baseline), row) for row in rows]
+    visited = [(score, row) for score, row in scored if score is not None]
+    return ([row for _, row in sorted(visited, key=lambda sr: (-sr[0], sr[1]["record"]))]
+            + [row for score, row in scored if score is None])
 
 
 def read_audit(path: Path, records: int) -> set[int]:
@@ -137,21 +153,25 @@ def read_audit(path: Path, records: int) -> set[int]:
 def ranking_aucs(rows: list[dict[str, Any]], corrupted: set[int],
                  domain_weight: dict[str, float] | None = None) -> dict[str, float | None]:
     """AUC against the corrupted records of each ranking an instance-weight report offers: `weights`
-    (every row), `effective` (domain x record weight, where `domain_weight` is given), `loss` and
-    `weights_visited` (the rows an upper step visited, which alone have a loss). None: not defined."""
+    (every row), `effective` (domain x record weight, where `domain_weight` is given), the baselines
+    `loss` and `gap` (|mc - prediction|), and `weights_visited`, all four over the rows an upper step
+    visited, which alone have the baselines' values. None: not defined (e.g. no prediction column)."""
     def score(subset: list[dict[str, Any]], key) -> float | None:
         return auc([key(r) for r in subset], [r["record"] not in corrupted for r in subset]) if subset else None
 
-    visited = [r for r in rows if isinstance(r.get("loss"), (int, float))]
+    visited = [r for r in rows if distrust(r, "loss") is not None]
+    with_gap = [r for r in visited if distrust(r, "gap") is not None]
     return {"weights": score(rows, lambda r: r["weight"]),
             "effective": None if domain_weight is None else
             score(rows, lambda r: r["weight"] * domain_weight[r["domain"]]),
-            "loss": score(visited, lambda r: -r["loss"]), "weights_visited": score(visited, lambda r: r["weight"]),
+            "loss": score(visited, lambda r: -r["loss"]),
+            "gap": score(with_gap, lambda r: -distrust(r, "gap")) if len(with_gap) == len(visited) else None,
+            "weights_visited": score(visited, lambda r: r["weight"]),
             "records": len(rows), "visited": len(visited)}
 
 
 def audit(rows: list[dict[str, Any]], report: Path, corrupted: set[int]) -> list[tuple[str, float, int]]:
-    """(ranking, AUC, records scored) for the learned weights, domain x record weights and the loss ranking."""
+    """(ranking, AUC, records scored) for the learned weights, domain x record weights and the baselines."""
     domain_weight = None
     domain_file = report.parent / "domain_weights.json"
     if domain_file.is_file() and all("domain" in r for r in rows):
@@ -167,6 +187,8 @@ def audit(rows: list[dict[str, Any]], report: Path, corrupted: set[int]) -> list
     if aucs["visited"]:
         out.append(("loss ranking (records visited by an upper step)", nan if aucs["loss"] is None else aucs["loss"],
                     aucs["visited"]))
+        if aucs["gap"] is not None:
+            out.append(("|MC accuracy - PRM prediction|, the same records", aucs["gap"], aucs["visited"]))
         out.append(("instance weights, the same records",
                     nan if aucs["weights_visited"] is None else aucs["weights_visited"], aucs["visited"]))
     return out
@@ -177,8 +199,8 @@ def clean(report: Path, drop: str, out: Path, train_json_file: str | None = None
     """Write the cleaned file; returns (records kept, records dropped). Raises ValueError on a user error
     before anything is written."""
     rows = read_report(report)
-    if rank_by == "loss":
-        rows = by_loss(rows, report)
+    if rank_by != "weight":
+        rows = by_baseline(rows, report, rank_by)
     train, records = training_records(rows, report, train_json_file)
     outside = [row["record"] for row in rows if not 0 <= row["record"] < len(records)]
     if outside:
@@ -187,7 +209,7 @@ def clean(report: Path, drop: str, out: Path, train_json_file: str | None = None
     count = parse_drop(drop, len(records))
     if out.resolve() == train.resolve():
         raise ValueError(f"--out {out}: is the training file itself; write the cleaned file elsewhere")
-    dropped = rows[:count]  # the report is sorted lowest weight first (by_loss: highest loss first)
+    dropped = rows[:count]  # the report is sorted lowest weight first (by_baseline: least trusted first)
     left_out = {row["record"] for row in dropped}
     root = Path(image_root) if image_root else train.resolve().parent
     kept = [absolute_images(r, root) if isinstance(r, dict) else r
@@ -209,9 +231,10 @@ def build_parser(prog: str = "dreamprm-clean") -> argparse.ArgumentParser:
     parser.add_argument("--drop", help="how many of the lowest-weighted records to leave out: "
                         "a share (5%%) or a count (20)")
     parser.add_argument("--out", help="the cleaned training file to write (a JSON list)")
-    parser.add_argument("--rank_by", choices=("weight", "loss"), default="weight",
-                        help="which records go first: the lowest learned weights (default), or the highest "
-                        "training loss at the last upper-step visit (the plain baseline)")
+    parser.add_argument("--rank_by", choices=("weight", "loss", "gap"), default="weight",
+                        help="which records go first: the lowest learned weights (default); or a plain baseline "
+                        "at the last upper-step visit: the highest training loss (loss), or the largest "
+                        "|MC accuracy - PRM prediction| (gap)")
     parser.add_argument("--audit", help="a JSON list of record indices known to be corrupted: print how well "
                         "each ranking finds them (AUC); --drop/--out become optional")
     parser.add_argument("--train_json_file", help="the training file the report ranks (default: its 'file')")

@@ -24,21 +24,26 @@ def write_domain_weight_summary(folder: str | Path, weights: dict[str, float], l
 
 
 def write_instance_weight_report(folder: str | Path, train_file: str | Path, records: list, weights: list[float],
-                                 losses: list[float] | None = None) -> Path:
+                                 losses: list[float] | None = None, predictions: list[float] | None = None) -> Path:
     """``instance_weights.jsonl``: one line per training record, lowest weight first: the records the
-    upper level learned to distrust come first (a data-cleaning report; see the README). `losses`: the
-    record's training loss at its last visit by an upper step (null: never visited), the plain
-    loss-ranking baseline to compare the weights with."""
+    upper level learned to distrust come first (a data-cleaning report; see the README). Beside the
+    weight, the plain baselines to compare it with: `loss`, the record's training loss at its last visit
+    by an upper step, and `prediction`, the PRM's predicted accuracy sigmoid(z) at that visit, next to
+    `mc`, the record's Monte Carlo accuracy (their distance is the second baseline); null: never visited."""
     path = Path(folder) / "instance_weights.jsonl"
     order = sorted(range(len(records)), key=lambda i: (weights[i], i))
+
+    def measured(values: list[float] | None, i: int, name: str) -> dict[str, float | None]:
+        return {} if values is None else {name: None if math.isnan(values[i]) else round(values[i], 6)}
+
     with open(path, "w", encoding="utf-8") as f:
         for i in order:
             r = records[i]
             f.write(json.dumps({"file": str(train_file), "record": int(r.source.rpartition("record ")[2]),
                                 "id": r.chain_id, "sid": r.step_index, "domain": r.domain,
-                                "weight": round(weights[i], 6),
-                                **({} if losses is None else {"loss": None if math.isnan(losses[i]) else
-                                                              round(losses[i], 6)})}) + "\n")
+                                "weight": round(weights[i], 6), **measured(losses, i, "loss"),
+                                **({} if predictions is None else {"mc": r.accuracy}),
+                                **measured(predictions, i, "prediction")}) + "\n")
     return path
 
 

@@ -567,7 +567,8 @@ class Trainer:
             if self.instance_weights is not None:
                 report = write_instance_weight_report(self.output, self.config.data.train_json_file, self.train_records,
                                                       self.instance_weights.all_weights().tolist(),
-                                                      self.instance_weights.last_losses().tolist())
+                                                      self.instance_weights.last_losses().tolist(),
+                                                      self.instance_weights.last_predictions().tolist())
                 self.logger.info(f"instance weights of {len(self.train_records)} records, lowest first: {report}")
         last_step, export_step = self.state.step, None
         if self.config.run.export:

@@ -255,8 +255,8 @@ def test_clean_refuses_with_one_error_line_and_writes_nothing(tmp_path, capsys, 
 
 
 def test_clean_audits_each_ranking_against_known_corrupted_records_and_drops_by_loss(tmp_path, capsys):
-    """--audit prints the AUC of the weights, of domain x record weights and of the loss ranking;
-    --rank_by loss drops the highest losses first and never a record without a loss."""
+    """--audit prints the AUC of the weights, of domain x record weights and of both baselines (loss,
+    |mc - prediction|); --rank_by loss/gap drops the least trusted first and never an unvisited record."""
     from dreamprm.clean import main
     train = DEMO / "train.json"
     # Records 0-9 are the known corrupted ones, in a domain "bad" weighted 0.001 ("good": 1).
@@ -266,10 +266,17 @@ def test_clean_audits_each_ranking_against_known_corrupted_records_and_drops_by_
     weight = {i: (i if i < 3 else 1000 + i if i < 10 else 100 + i) for i in range(369)}
     loss = {i: (10.0 - i if i < 8 else 0.0001 * i if i < 10 else 0.01 + 0.001 * i) for i in range(369)}
     loss[368] = None
+    # |mc - prediction|: 0-5 the largest (0.40 down to 0.35), 6-9 exactly 0, clean records in between ->
+    # AUC 0.6, an ordering of its own (mc varies, so it is not the prediction's).
+    gap = {i: (0.4 - 0.01 * i if i < 6 else 0.0 if i < 10 else 0.01 + 0.0001 * i) for i in range(369)}
+    mc = {i: (0.25 if i % 2 else 0.75) for i in range(369)}
+    prediction = {i: mc[i] + (gap[i] if mc[i] < 0.5 else -gap[i]) for i in range(368)}
+    prediction[368] = None
     (tmp_path / "domain_weights.json").write_text(json.dumps({"weights": {"bad": 0.001, "good": 1.0}}))
     report = tmp_path / "instance_weights.jsonl"
     report.write_text("".join(json.dumps({"file": str(train), "record": i, "domain": "bad" if i < 10 else "good",
-                                          "weight": weight[i], "loss": loss[i]}) + "\n"
+                                          "weight": weight[i], "loss": loss[i], "mc": mc[i],
+                                          "prediction": prediction[i]}) + "\n"
                               for i in sorted(range(369), key=weight.get)))
     (tmp_path / "bad.json").write_text(json.dumps(list(range(10))))
     out = tmp_path / "cleaned.json"
@@ -277,14 +284,21 @@ def test_clean_audits_each_ranking_against_known_corrupted_records_and_drops_by_
                  "--drop", "5", "--out", str(out)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith(f"{tmp_path / 'bad.json'}: 10 known corrupted records")
-    table = {line.split("  ", 2)[2].rsplit(" (", 1)[0]: float(line.split()[0]) for line in lines[1:5]}
+    table = {line.split("  ", 2)[2].rsplit(" (", 1)[0]: float(line.split()[0]) for line in lines[1:6]}
     assert table["instance weights"] == pytest.approx(0.3, abs=1e-3)
     assert table["loss ranking (records visited by an upper step)"] == pytest.approx(0.8, abs=1e-3)
+    assert table["|MC accuracy - PRM prediction|, the same records"] == pytest.approx(0.6, abs=1e-3)
     assert table["domain x record weights (what the lower loss used)"] == pytest.approx(1.0, abs=1e-3)
     dropped = [r["record"] for r in map(json.loads, out.with_name("cleaned.dropped.jsonl").open())]
     assert dropped == [0, 1, 2, 3, 4]
     # Dropping all but one by loss leaves the never-visited record in.
     assert main(["--report", str(report), "--rank_by", "loss", "--drop", "368", "--out", str(out)]) == 0
+    assert len(read_json(out)) == 1 and read_json(out)[0]["id"] == read_json(train)[368]["id"]
+    # By |mc - prediction|: the largest first.
+    assert main(["--report", str(report), "--rank_by", "gap", "--drop", "7", "--out", str(out)]) == 0
+    dropped = [r["record"] for r in map(json.loads, out.with_name("cleaned.dropped.jsonl").open())]
+    assert dropped == [0, 1, 2, 3, 4, 5, 367]
+    assert main(["--report", str(report), "--rank_by", "gap", "--drop", "368", "--out", str(out)]) == 0
     assert len(read_json(out)) == 1 and read_json(out)[0]["id"] == read_json(train)[368]["id"]
     # Audit only: nothing written; a bad audit file is one error line.
     assert main(["--report", str(report), "--audit", str(tmp_path / "bad.json")]) == 0

@@ -73,11 +73,12 @@ def test_instance_weights_scale_each_sample_of_the_lower_loss():
     assert float(loss) == pytest.approx((1.5 * 0.5 + 0.0 + 0.5 * 2.0 * 0.9 + 0.5 * 0.4) / 4)
 
 
-def test_a_table_of_ten_million_records_fits_in_80_mb():
+def test_a_table_of_ten_million_records_fits_in_100_mb():
     table = InstanceWeights(10_000_000, lr=0.3)
     assert table.logits.element_size() * table.logits.numel() == 40_000_000
     assert table.loss.element_size() * table.loss.numel() == 40_000_000  # the last-visit losses
-    assert set(table.state_dict()) == {"kind", "recipe", "logits", "softplus_sum", "updates", "loss"}
+    assert table.prediction.element_size() * table.prediction.numel() == 20_000_000  # and predictions (float16)
+    assert set(table.state_dict()) == {"kind", "recipe", "logits", "softplus_sum", "updates", "loss", "prediction"}
 
 
 def test_instance_weights_refuse_the_exact_estimator(capsys):
@@ -138,6 +139,16 @@ def test_two_ranks_train_report_and_resume_instance_weights_exactly(tiny_model, 
         assert x["file"].endswith("train.json")
     # The loss-ranking baseline: every record an upper step visited has its last measured loss.
     assert sum(x["loss"] is not None for x in lines) >= 16 and all(x["loss"] is None or x["loss"] >= 0 for x in lines)
+    # ... and the |MC - prediction| baseline: the PRM's sigmoid(z) at the same visit, beside the record's
+    # MC accuracy. Under the scalar head's squared error the loss is (prediction - mc)^2, up to the
+    # two forwards' O(ε²) spread, the report's rounding and the float16 prediction.
+    for x in lines:
+        assert x["mc"] == records[x["record"]]["accuracy"]
+        assert (x["prediction"] is None) == (x["loss"] is None)
+        if x["prediction"] is not None:
+            assert 0.0 < x["prediction"] < 1.0
+            assert x["loss"] == pytest.approx((x["prediction"] - x["mc"]) ** 2, abs=2e-3), x
+    assert len({x["prediction"] for x in lines if x["prediction"] is not None}) > 4  # measured, not a constant
     # Resumed mid-run (after the 2nd upper step): the same table and the same PRM, bit for bit.
     assert (resumed / "instance_weights.jsonl").read_text() == (straight / "instance_weights.jsonl").read_text()
     a, b = exported_tensors(straight / "export"), exported_tensors(resumed / "export")
@@ -196,14 +207,17 @@ def test_the_instance_state_is_identical_on_both_ranks_after_upper_steps(instanc
     a, b = first["instance_state"], second["instance_state"]
     if instance_probe["weighting"] == "both":
         assert torch.equal(a["logits"], b["logits"]) and float(a["softplus_sum"]) == float(b["softplus_sum"])
-        losses = (a["loss"], b["loss"])
+        losses, predictions = (a["loss"], b["loss"]), (a["prediction"], b["prediction"])
     else:
         assert all(torch.equal(a["net"][k], b["net"][k]) for k in a["net"])
         losses = (a["cache"]["loss"], b["cache"]["loss"])
+        predictions = (a["cache"]["prediction"], b["cache"]["prediction"])
     torch.testing.assert_close(*losses, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(*predictions, rtol=0, atol=0, equal_nan=True)
     # The rows the two upper steps visited (every rank's) hold a measured loss on both ranks.
     visited = {r for rank in instance_probe["ranks"] for r in rank["instance_upper"]["records"]}
     assert all(not math.isnan(float(losses[0][r])) for r in visited)
+    assert all(not math.isnan(float(predictions[0][r])) for r in visited)
 
 
 @pytest.mark.slow

@@ -56,7 +56,7 @@ def detector_scores(run: Path, task: Path) -> dict:
     aucs = ranking_aucs(rows, bad)
     return {"records": aucs["records"], "visited": aucs["visited"], "corrupted": len(bad),
             "auc_weights": aucs["weights"], "auc_weights_visited": aucs["weights_visited"],
-            "auc_loss_visited": aucs["loss"]}
+            "auc_loss_visited": aucs["loss"], "auc_gap_visited": aucs["gap"]}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -111,11 +111,13 @@ def main(argv: list[str] | None = None) -> dict:
                         for arm in args.arms}}
     lines = [f"Task `{args.task}`, seed {args.seed} (single seed): {q.warmup} vanilla warm-up steps, then {q.steps} "
              "steps per arm. AUC of corrupted against clean records (0.5 chance).", "",
-             "| arm | AUC, weights (all records) | AUC, weights (visited) | AUC, loss ranking (visited) | visited |",
-             "|---|---:|---:|---:|---:|"]
+             "| arm | AUC, weights (all records) | AUC, weights (visited) | AUC, loss ranking (visited) "
+             "| AUC, \\|MC - prediction\\| (visited) | visited |",
+             "|---|---:|---:|---:|---:|---:|"]
     for arm, s in results["arms"].items():
+        gap = "-" if s["auc_gap_visited"] is None else f"{s['auc_gap_visited']:.3f}"
         lines.append(f"| {arm} | {s['auc_weights']:.3f} | {s['auc_weights_visited']:.3f} | "
-                     f"{s['auc_loss_visited']:.3f} | {s['visited']}/{s['records']} |")
+                     f"{s['auc_loss_visited']:.3f} | {gap} | {s['visited']}/{s['records']} |")
     table = "\n".join(lines)
     print(table)
     if args.results:

@@ -195,9 +195,11 @@ def instance_report(run: Path, task: Path, domains: list[str]) -> dict:
     weight = {r["record"]: r["weight"] for r in rows}
     domain = {r["record"]: r["domain"] for r in rows}
     # The record weights; domain x record, what the lower loss multiplies a record by (domain weights are 1
-    # without --weighting both/both_net); and the plain loss ranking of the visited records.
+    # without --weighting both/both_net); and the plain baselines on the visited records: the loss ranking
+    # and |MC accuracy - PRM prediction| (`gap`).
     aucs = ranking_aucs(rows, bad, json.loads((run / "domain_weights.json").read_text())["weights"])
     out = {"auc": aucs["weights"], "auc_by_domain": {}, "auc_effective": aucs["effective"], "auc_loss": aucs["loss"],
+           "auc_gap": aucs["gap"],
            "mean_weight": {d: statistics.fmean(w for i, w in weight.items() if domain[i] == d) for d in domains}}
     for d in domains:
         own_bad = [weight[i] for i in bad if domain[i] == d]
@@ -369,14 +371,17 @@ def instance_table(args, task_name: str, manifest: dict, runs: dict) -> list[str
              "changed: AUC (P(clean record weighted above a corrupted one); 0.5 chance), over the task and within "
              "each domain that holds both clean and corrupted records:", "",
              "| arm | over the task, mean ± std | per seed | " + " | ".join(f"within {d}" for d in mixed)
-             + " | domain x record weight, over the task | loss ranking of the same run (visited records) |",
-             "|---|---:|---:|" + "---:|" * (len(mixed) + 2)]
+             + " | domain x record weight, over the task | loss ranking of the same run (visited records) "
+             "| \\|MC - prediction\\| (visited records) |",
+             "|---|---:|---:|" + "---:|" * (len(mixed) + 3)]
     for arm in arms:
         entries = [runs[f"{arm}-{task_name}-s{s}"]["instance"] for s in args.seeds]
         cells = [fmt([e["auc"] for e in entries]), " ".join(f"{e['auc']:.2f}" for e in entries)]
         cells += [fmt([e["auc_by_domain"][d] for e in entries]) for d in mixed]
         cells += [fmt([e["auc_effective"] for e in entries]) if arm not in DOMAIN_FREE_ARMS else "(the same)"]
         cells += [fmt([e["auc_loss"] for e in entries])]
+        gaps = [e.get("auc_gap") for e in entries]  # None: a run written before the prediction column
+        cells += [fmt(gaps) if None not in gaps else "-"]
         lines.append(f"| {ARM_LABELS[arm]} | " + " | ".join(cells) + " |")
     return lines + [""]
 

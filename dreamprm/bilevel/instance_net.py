@@ -64,7 +64,8 @@ HIDDEN = 16
 class RecordFeatures:
     """The static per-record inputs of the net (from the training file) and the replicated loss cache.
 
-    Memory per record: 4 (mc) + 4 (position) + 2 (domain) + 4 (last loss) = 14 bytes.
+    Memory per record: 4 (mc) + 4 (position) + 2 (domain) + 4 (last loss) + 2 (last prediction, float16:
+    a report column, not an input) = 16 bytes.
     """
 
     def __init__(self, accuracy: torch.Tensor, position: torch.Tensor, domain: torch.Tensor, num_domains: int):
@@ -74,6 +75,7 @@ class RecordFeatures:
         self.num_domains = num_domains
         self.loss = torch.full_like(self.accuracy, float("nan"))  # ℓ_i at the last visit; NaN: not visited
         self.loss_sum, self.loss_count = 0.0, 0  # over visited records (float64 Python numbers)
+        self.prediction = torch.full(self.accuracy.shape, float("nan"), dtype=torch.float16)  # sigmoid(z_i), ditto
 
     def __len__(self) -> int:
         return self.accuracy.numel()
@@ -90,8 +92,11 @@ class RecordFeatures:
         return cls(torch.tensor([r.accuracy for r in records]), torch.tensor(position),
                    torch.tensor([domains[r.domain] for r in records]), len(domains))
 
-    def record_losses(self, rows: torch.Tensor, losses: torch.Tensor) -> None:
-        """Store the losses just measured (a row repeated in one update keeps the mean of its values)."""
+    def record_losses(self, rows: torch.Tensor, losses: torch.Tensor, predictions: torch.Tensor | None = None) -> None:
+        """Store the losses (and predictions) just measured (a row repeated in one update keeps the mean of
+        its values)."""
+        if predictions is not None:
+            store_row_means(self.prediction, rows, predictions)
         old = store_row_means(self.loss, rows, losses)
         new = self.loss[torch.unique(rows)]
         seen = ~torch.isnan(old)
@@ -122,10 +127,12 @@ class RecordFeatures:
 
     def state_dict(self) -> dict[str, Any]:
         return {"loss": self.loss.clone(), "loss_sum": torch.tensor(self.loss_sum, dtype=torch.float64),
-                "loss_count": self.loss_count}
+                "loss_count": self.loss_count, "prediction": self.prediction.clone()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.loss = state["loss"].to(torch.float32).clone()
+        if "prediction" in state:  # older checkpoints: predictions unknown until the records' next visit
+            self.prediction = state["prediction"].to(torch.float16).clone()
         self.loss_sum, self.loss_count = float(state["loss_sum"]), int(state["loss_count"])
 
 
@@ -182,6 +189,10 @@ class InstanceNet:
         """ℓ_i at each record's last visit by an upper step (NaN: never visited): the loss ranking."""
         return self.features.loss.clone()
 
+    def last_predictions(self) -> torch.Tensor:
+        """sigmoid(z_i) at each record's last visit (float32; NaN: never visited)."""
+        return self.features.prediction.float()
+
     def parameter_gradient(self, rows: torch.Tensor, dloss_dweights: torch.Tensor,
                            dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Σ_i (∂u_i/∂φ)^T ∂L/∂u_i, flattened, M held fixed; `dtype` float64 for a reference."""
@@ -193,11 +204,12 @@ class InstanceNet:
             grads = torch.autograd.grad(u, params, grad_outputs=dloss_dweights.to(dtype))
         return torch.cat([g.reshape(-1) for g in grads])
 
-    def update(self, rows: torch.Tensor, dloss_dweights: torch.Tensor, losses: torch.Tensor) -> dict[str, float]:
-        """One upper step: store the measured losses, then one Adam step along the chained hypergradient
-        (rows may repeat: their terms add up). Returns summary numbers."""
+    def update(self, rows: torch.Tensor, dloss_dweights: torch.Tensor, losses: torch.Tensor,
+               predictions: torch.Tensor | None = None) -> dict[str, float]:
+        """One upper step: store the measured losses (and predictions), then one Adam step along the
+        chained hypergradient (rows may repeat: their terms add up). Returns summary numbers."""
         rows, g = rows.cpu().long(), dloss_dweights.cpu().double()
-        self.features.record_losses(rows, losses.cpu())
+        self.features.record_losses(rows, losses.cpu(), None if predictions is None else predictions.cpu())
         rms = float(g.pow(2).mean().sqrt())
         if not rms > 0:
             return {"rows": float(torch.unique(rows).numel()), "rms": rms}

@@ -65,6 +65,9 @@ class InstanceWeights:
         # ℓ_i at the record's last visit by an upper step (NaN: never), for the loss-ranking baseline of
         # the report: 4 bytes per record.
         self.loss = torch.full((num_records,), float("nan"), dtype=torch.float32)
+        # The PRM's predicted accuracy sigmoid(z_i) at the same visit, for the |MC - prediction| baseline:
+        # float16 (2 bytes per record; a report column, never a training input).
+        self.prediction = torch.full((num_records,), float("nan"), dtype=torch.float16)
 
     def __len__(self) -> int:
         return self.logits.numel()
@@ -115,14 +118,22 @@ class InstanceWeights:
         self.updates += 1
         return {"rows": float(unique.numel()), "rms": rms}
 
-    def update(self, rows: torch.Tensor, dloss_dweights: torch.Tensor, losses: torch.Tensor) -> dict[str, float]:
-        """One upper step from the gathered ∂L_meta/∂u_i (= -c_i d_i) and the measured losses ℓ_i."""
+    def update(self, rows: torch.Tensor, dloss_dweights: torch.Tensor, losses: torch.Tensor,
+               predictions: torch.Tensor | None = None) -> dict[str, float]:
+        """One upper step from the gathered ∂L_meta/∂u_i (= -c_i d_i), the measured losses ℓ_i and the
+        predictions sigmoid(z_i) (None: not measured)."""
         store_row_means(self.loss, rows.cpu().long(), losses.cpu())
+        if predictions is not None:
+            store_row_means(self.prediction, rows.cpu().long(), predictions.cpu())
         return self.step(rows, self.logit_gradient(rows, dloss_dweights))
 
     def last_losses(self) -> torch.Tensor:
         """ℓ_i at each record's last visit by an upper step (NaN: never visited): the loss ranking."""
         return self.loss.clone()
+
+    def last_predictions(self) -> torch.Tensor:
+        """sigmoid(z_i) at each record's last visit (float32; NaN: never visited)."""
+        return self.prediction.float()
 
     def incompatibility(self, state: dict[str, Any]) -> str | None:
         """Why a checkpoint's instance state cannot be loaded here, or None."""
@@ -145,7 +156,7 @@ class InstanceWeights:
     def state_dict(self) -> dict[str, Any]:
         return {"kind": "table", "recipe": self.recipe, "logits": self.logits.clone(),
                 "softplus_sum": torch.tensor(self.softplus_sum, dtype=torch.float64), "updates": self.updates,
-                "loss": self.loss.clone()}
+                "loss": self.loss.clone(), "prediction": self.prediction.clone()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         problem = self.incompatibility(state)
@@ -154,5 +165,7 @@ class InstanceWeights:
         self.logits = state["logits"].to(torch.float32).clone()
         if "loss" in state:  # older checkpoints: no losses measured yet
             self.loss = state["loss"].to(torch.float32).clone()
+        if "prediction" in state:  # older checkpoints: predictions unknown until the records' next visit
+            self.prediction = state["prediction"].to(torch.float16).clone()
         self.softplus_sum = float(state["softplus_sum"])
         self.updates = int(state["updates"])

@@ -60,7 +60,7 @@ def upper_step(engine: Any, weights: DomainWeights, meta_optimizer: torch.optim.
             v = [p * x for p, x in zip(preconditioner, v)]
     v_norm = math.sqrt(max(float(engine.global_dot(v, v)), 0.0))
     epsilon = None
-    rows = row_hypergradient = row_losses = None
+    rows = row_hypergradient = row_losses = row_predictions = None
     if v_norm == 0.0:
         # No meta signal (e.g. a pairwise meta batch without a right-wrong pair): every d is exactly 0.
         # fd would divide by ‖v‖ and report a non-finite update; five in a row would stop the run.
@@ -73,14 +73,16 @@ def upper_step(engine: Any, weights: DomainWeights, meta_optimizer: torch.optim.
     else:
         # Instance weights scale the lower loss per record; under 'both' the domain sums carry them.
         current = None if instance_weights is None else [instance_weights.weights(b["record"]) for b in train_batches]
-        at_theta: list[torch.Tensor] = []  # ℓ_i(θ) ≈ the mean of the two forwards: the net's `gap` feature
+        # (ℓ_i(θ), P_i(θ)) ≈ the means of the two forwards: the net's `gap` feature and the report's baselines
+        at_theta: list[tuple[torch.Tensor, torch.Tensor]] = []
         directional, per_record, epsilon = finite_difference(
             engine, v, train_batches, radius, v_norm, num_domains,
             current if instance_weights is not None and update_domains else None, at_theta, lower_loss)
         if instance_weights is not None:
             with torch.no_grad():
                 domain_w = weights().detach() if update_domains else None
-            rows, row_hypergradient, row_losses = instance_update(engine, train_batches, per_record, at_theta, domain_w)
+            rows, row_hypergradient, row_losses, row_predictions = instance_update(
+                engine, train_batches, per_record, at_theta, domain_w)
     hyper = hg.hypergradient(directional, weights.logit_gradient)
     # Every value above came out of all-reduces or all-gathers, so every rank takes the same branch.
     applied = bool(torch.isfinite(hyper).all()) and math.isfinite(meta_loss_value)
@@ -95,7 +97,7 @@ def upper_step(engine: Any, weights: DomainWeights, meta_optimizer: torch.optim.
             # without a right-wrong pair (v = 0, loss 0) is no evidence.
             meta_optimizer.step(lambda: meta_loss_value if v_norm > 0 else None)
         if instance_weights is not None and rows is not None:
-            instance_summary = instance_weights.update(rows, row_hypergradient, row_losses)
+            instance_summary = instance_weights.update(rows, row_hypergradient, row_losses, row_predictions)
     return UpperResult(meta_loss=meta_loss_value, directional=directional, hypergradient=hyper,
                        v_norm=v_norm, epsilon=epsilon, applied=applied, instance=instance_summary)
 
@@ -163,14 +165,15 @@ def exact_domain_dots(engine: Any, batch: dict[str, torch.Tensor], v: list[torch
 def finite_difference(engine: Any, v: list[torch.Tensor], train_batches: list[dict[str, torch.Tensor]],
                       radius: float, v_norm: float, num_domains: int,
                       instance_weights: list[torch.Tensor] | None = None,
-                      at_theta: list[torch.Tensor] | None = None, lower_loss: LowerLoss = per_sample_mse
-                      ) -> tuple[torch.Tensor, list[torch.Tensor], float]:
+                      at_theta: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                      lower_loss: LowerLoss = per_sample_mse) -> tuple[torch.Tensor, list[torch.Tensor], float]:
     """Central difference along v from two forwards per batch at θ ± εv (parameters restored after).
 
     Returns (d_k [K], all-reduced; this rank's per-record d_i, one [batch] tensor per batch; ε), with
     d_i = (ℓ_i(θ+εv) - ℓ_i(θ-εv)) / (2εN) and N the global number of samples. With
     `instance_weights` (u_i per batch) the domain sums are of u_i ℓ_i: d_k = Σ_{i in k} u_i d_i.
-    `at_theta`, when given, receives this rank's (ℓ_i(θ+εv) + ℓ_i(θ-εv)) / 2 per batch.
+    `at_theta`, when given, receives this rank's ((ℓ_i(θ+εv) + ℓ_i(θ-εv)) / 2, (P_i(θ+εv) + P_i(θ-εv)) / 2)
+    per batch, P_i = sigmoid of the step logit (the PRM's predicted accuracy).
     """
     epsilon = hg.fd_epsilon(radius, v_norm) if math.isfinite(v_norm) and v_norm > 0 else float("nan")
     global_count = engine.info.world_size * sum(b["target"].numel() for b in train_batches)
@@ -178,15 +181,16 @@ def finite_difference(engine: Any, v: list[torch.Tensor], train_batches: list[di
         nan = torch.full((num_domains,), float("nan"), dtype=torch.float64)
         per_record = [torch.full_like(b["target"], float("nan"), dtype=torch.float64) for b in train_batches]
         if at_theta is not None:
-            at_theta.extend(per_record)
+            at_theta.extend((x, x) for x in per_record)
         return nan, per_record, epsilon
     snapshot = engine.master_params_snapshot()
     direction = engine.full_gradients_for_edit(v)
     losses: dict[float, list[torch.Tensor]] = {}
+    predictions: dict[float, list[torch.Tensor]] = {}
 
     def sums_at(t: float) -> torch.Tensor:
         engine.perturb(snapshot, direction, t)
-        losses[t] = [per_sample_losses_at(engine, b, lower_loss) for b in train_batches]
+        losses[t], predictions[t] = map(list, zip(*(per_sample_at(engine, b, lower_loss) for b in train_batches)))
         weighted = losses[t] if instance_weights is None else [x * u for x, u in zip(losses[t], instance_weights)]
         return sum(engine.all_reduce_sum(domain_loss_sums(x, b["domain"], num_domains).double())
                    for x, b in zip(weighted, train_batches))
@@ -198,32 +202,44 @@ def finite_difference(engine: Any, v: list[torch.Tensor], train_batches: list[di
     per_record = [(plus.double() - minus.double()) / (2.0 * epsilon * global_count)
                   for plus, minus in zip(losses[epsilon], losses[-epsilon])]
     if at_theta is not None:
-        at_theta.extend((plus.double() + minus.double()) / 2.0 for plus, minus in zip(losses[epsilon], losses[-epsilon]))
+        mean = [(plus.double() + minus.double()) / 2.0 for plus, minus in zip(losses[epsilon], losses[-epsilon])]
+        at_theta.extend(zip(mean, [(plus.double() + minus.double()) / 2.0
+                                   for plus, minus in zip(predictions[epsilon], predictions[-epsilon])]))
     return directional, per_record, epsilon
 
 
 def instance_update(engine: Any, train_batches: list[dict[str, torch.Tensor]], per_record: list[torch.Tensor],
-                    losses: list[torch.Tensor], domain_weights: torch.Tensor | None
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Every rank's (row, ∂L_meta/∂u_row, ℓ_row) triples, gathered: one all-gather sized by the global
-    batch. ∂L_meta/∂u_i ≈ -c_i d_i, c_i the record's domain weight (`domain_weights`, None: 1); the
-    table or the net chains it through its own Jacobian (`update`), identically on every rank.
+                    at_theta: list[tuple[torch.Tensor, torch.Tensor]], domain_weights: torch.Tensor | None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every rank's (row, ∂L_meta/∂u_row, ℓ_row, P_row) rows, gathered: one all-gather sized by the global
+    batch (`at_theta`: the (ℓ, P) pairs `finite_difference` gave). ∂L_meta/∂u_i ≈ -c_i d_i, c_i the
+    record's domain weight (`domain_weights`, None: 1); the table or the net chains it through its own
+    Jacobian (`update`), identically on every rank.
     """
     rows = torch.cat([b["record"].cpu() for b in train_batches])
     d = torch.cat([x.cpu() for x in per_record]).double()
     if domain_weights is not None:
         d = d * torch.cat([domain_weights.cpu().double()[b["domain"].cpu()] for b in train_batches])
-    local = torch.stack([rows.double(), -d, torch.cat([x.cpu() for x in losses]).double()], dim=1)
+    losses = torch.cat([loss.cpu() for loss, _ in at_theta]).double()
+    predictions = torch.cat([p.cpu() for _, p in at_theta]).double()
+    local = torch.stack([rows.double(), -d, losses, predictions], dim=1)
     gathered = engine.all_gather(local.to(engine.info.device)).cpu()
-    return gathered[:, 0].long(), gathered[:, 1], gathered[:, 2]
+    return gathered[:, 0].long(), gathered[:, 1], gathered[:, 2], gathered[:, 3]
+
+
+def per_sample_at(engine: Any, batch: dict[str, torch.Tensor], lower_loss: LowerLoss = per_sample_mse
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's per-sample training losses and predicted accuracies sigmoid(logit) at the current
+    parameters (one no-grad forward)."""
+    with torch.no_grad():
+        logits = engine.upper_forward(model_inputs(batch))
+    return lower_loss(logits, batch["target"]), torch.sigmoid(logits.float())
 
 
 def per_sample_losses_at(engine: Any, batch: dict[str, torch.Tensor],
                          lower_loss: LowerLoss = per_sample_mse) -> torch.Tensor:
     """This rank's per-sample training losses at the current parameters (no-grad forward)."""
-    with torch.no_grad():
-        logits = engine.upper_forward(model_inputs(batch))
-    return lower_loss(logits, batch["target"])
+    return per_sample_at(engine, batch, lower_loss)[0]
 
 
 def domain_sums_at(engine: Any, batch: dict[str, torch.Tensor], num_domains: int,
