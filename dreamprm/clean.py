@@ -130,6 +130,11 @@ def by_baseline(rows: list[dict[str, Any]], report: Path, baseline: str) -> list
     if not any(column in row for row in rows):
         raise ValueError(f"--rank_by {baseline}: {report}: {column}: the report has no {column} column (written by "
                          "a version before it, or by a run whose upper level never ran)")
+    unmeasured = [row["record"] for row in rows if distrust(row, "loss") is not None and distrust(row, baseline) is None]
+    if unmeasured:  # visited, but before the run recorded predictions: they would rank as never visited
+        raise ValueError(f"--rank_by {baseline}: {report}: record {unmeasured[0]}: prediction: {len(unmeasured)} "
+                         "record(s) have a loss but no prediction (a run resumed from a checkpoint written before "
+                         "the prediction column); rank them by loss instead")
     scored = [(distrust(row, baseline), row) for row in rows]
     visited = [(score, row) for score, row in scored if score is not None]
     return ([row for _, row in sorted(visited, key=lambda sr: (-sr[0], sr[1]["record"]))]
@@ -160,14 +165,14 @@ def ranking_aucs(rows: list[dict[str, Any]], corrupted: set[int],
         return auc([key(r) for r in subset], [r["record"] not in corrupted for r in subset]) if subset else None
 
     visited = [r for r in rows if distrust(r, "loss") is not None]
-    with_gap = [r for r in visited if distrust(r, "gap") is not None]
+    has_gap = bool(visited) and all(distrust(r, "gap") is not None for r in visited)
     return {"weights": score(rows, lambda r: r["weight"]),
             "effective": None if domain_weight is None else
             score(rows, lambda r: r["weight"] * domain_weight[r["domain"]]),
             "loss": score(visited, lambda r: -r["loss"]),
-            "gap": score(with_gap, lambda r: -distrust(r, "gap")) if len(with_gap) == len(visited) else None,
+            "gap": score(visited, lambda r: -distrust(r, "gap")) if has_gap else None,
             "weights_visited": score(visited, lambda r: r["weight"]),
-            "records": len(rows), "visited": len(visited)}
+            "records": len(rows), "visited": len(visited), "has_gap": has_gap}
 
 
 def audit(rows: list[dict[str, Any]], report: Path, corrupted: set[int]) -> list[tuple[str, float, int]]:
@@ -187,8 +192,9 @@ def audit(rows: list[dict[str, Any]], report: Path, corrupted: set[int]) -> list
     if aucs["visited"]:
         out.append(("loss ranking (records visited by an upper step)", nan if aucs["loss"] is None else aucs["loss"],
                     aucs["visited"]))
-        if aucs["gap"] is not None:
-            out.append(("|MC accuracy - PRM prediction|, the same records", aucs["gap"], aucs["visited"]))
+        if aucs["has_gap"]:  # a report with predictions for every visited record
+            out.append(("|MC accuracy - PRM prediction|, the same records",
+                        nan if aucs["gap"] is None else aucs["gap"], aucs["visited"]))
         out.append(("instance weights, the same records",
                     nan if aucs["weights_visited"] is None else aucs["weights_visited"], aucs["visited"]))
     return out

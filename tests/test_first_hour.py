@@ -300,6 +300,14 @@ def test_clean_audits_each_ranking_against_known_corrupted_records_and_drops_by_
     assert dropped == [0, 1, 2, 3, 4, 5, 367]
     assert main(["--report", str(report), "--rank_by", "gap", "--drop", "368", "--out", str(out)]) == 0
     assert len(read_json(out)) == 1 and read_json(out)[0]["id"] == read_json(train)[368]["id"]
+    # A record visited before predictions were recorded (an older checkpoint resumed): an error that names it.
+    resumed = tmp_path / "resumed.jsonl"
+    resumed.write_text("".join(json.dumps({**row, "prediction": None if row["record"] == 12 else row["prediction"]})
+                               + "\n" for row in map(json.loads, report.open())))
+    capsys.readouterr()
+    assert main(["--report", str(resumed), "--rank_by", "gap", "--drop", "5", "--out", str(out)]) == EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "record 12: prediction: 1 record(s) have a loss but no prediction" in err, err
     # Audit only: nothing written; a bad audit file is one error line.
     assert main(["--report", str(report), "--audit", str(tmp_path / "bad.json")]) == 0
     (tmp_path / "worse.json").write_text("[3, 4000]")

@@ -146,7 +146,7 @@ def test_two_ranks_train_report_and_resume_instance_weights_exactly(tiny_model, 
         assert x["mc"] == records[x["record"]]["accuracy"]
         assert (x["prediction"] is None) == (x["loss"] is None)
         if x["prediction"] is not None:
-            assert 0.0 < x["prediction"] < 1.0
+            assert 0.0 <= x["prediction"] <= 1.0  # float16 rounds sigmoid(z) ≥ 0.99976 to 1
             assert x["loss"] == pytest.approx((x["prediction"] - x["mc"]) ** 2, abs=2e-3), x
     assert len({x["prediction"] for x in lines if x["prediction"] is not None}) > 4  # measured, not a constant
     # Resumed mid-run (after the 2nd upper step): the same table and the same PRM, bit for bit.
