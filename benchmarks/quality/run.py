@@ -80,6 +80,9 @@ ARMS = {
     "both": ["--weighting", "both", "--hypergrad", "fd"],  # domain x record weights
     "instance_net": ["--weighting", "instance_net", "--hypergrad", "fd"],  # record weights from the instance net
     "both_net": ["--weighting", "both_net", "--hypergrad", "fd"],  # domain x instance-net weights
+    # The instance net without its loss-gap input (the worst noise run's cause, RESULTS_instance_net.md)
+    "instance_net_nogap": ["--weighting", "instance_net", "--instance_net_features", "position,domain",
+                           "--hypergrad", "fd"],
     "clipped": ["--weighting", "instance", "--instance_recipe", "clipped", "--hypergrad", "fd"],  # DreamPRM-1.5's table
     "clean": ["--baseline"],  # the clean domain(s) alone, from scratch
     "evidence": ["--meta_loss", "pairwise", "--meta_evidence", "2"],  # the gate also waits for a meta loss below chance
@@ -98,14 +101,16 @@ ARM_LABELS = {"vanilla": "vanilla PRM (--baseline)", "mse": "DreamPRM, original 
               "both": "DreamPRM, domain x instance weights (--weighting both)",
               "instance_net": "DreamPRM, instance net (--weighting instance_net)",
               "both_net": "DreamPRM, domain x instance net (--weighting both_net)",
+              "instance_net_nogap": "DreamPRM, instance net without gap (--instance_net_features position,domain)",
               "clipped": "DreamPRM-1.5's record table, unnormalised, clipped to [-1, 3] (--instance_recipe clipped)",
               "evidence": "DreamPRM, defaults with --meta_evidence 2",
               "vanilla_bf16": "vanilla PRM, --precision bf16",
               "pairwise_bf16": "DreamPRM, defaults, --precision bf16 (--hypergrad exact)"}
 BILEVEL_ARMS = ("mse", "pairwise", "grouped", "evidence", "original", "exact", "instance", "both", "instance_net",
-                "both_net", "clipped", "pairwise_bf16")
-INSTANCE_ARMS = ("instance", "both", "instance_net", "both_net", "clipped")
-DOMAIN_FREE_ARMS = ("instance", "instance_net", "clipped")  # domain weights stay 1: each domain's mean record weight is shown
+                "both_net", "clipped", "pairwise_bf16", "instance_net_nogap")
+INSTANCE_ARMS = ("instance", "both", "instance_net", "both_net", "clipped", "instance_net_nogap")
+# Domain weights stay 1 in these: each domain's mean record weight is shown.
+DOMAIN_FREE_ARMS = ("instance", "instance_net", "clipped", "instance_net_nogap")
 # The arm each DreamPRM arm is compared with (same precision, same warm-up).
 BASELINE_OF = {"pairwise_bf16": "vanilla_bf16"}
 
