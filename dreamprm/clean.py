@@ -159,7 +159,7 @@ def ranking_aucs(rows: list[dict[str, Any]], corrupted: set[int],
                  domain_weight: dict[str, float] | None = None) -> dict[str, float | None]:
     """AUC against the corrupted records of each ranking an instance-weight report offers: `weights`
     (every row), `effective` (domain x record weight, where `domain_weight` is given), the baselines
-    `loss` and `gap` (|mc - prediction|), and `weights_visited`, all four over the rows an upper step
+    `loss` and `gap` (|mc - prediction|), and `weights_visited`, these three over the rows an upper step
     visited, which alone have the baselines' values. None: not defined (e.g. no prediction column)."""
     def score(subset: list[dict[str, Any]], key) -> float | None:
         return auc([key(r) for r in subset], [r["record"] not in corrupted for r in subset]) if subset else None
