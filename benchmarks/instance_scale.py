@@ -41,11 +41,11 @@ def state_bytes(weights) -> int:
     """Bytes of the tensors the table or the net keeps for the whole run (what RSS cannot isolate:
     the allocator reuses the memory a previous size freed)."""
     if isinstance(weights, InstanceWeights):
-        tensors = [weights.logits, weights.loss, weights.prediction]
+        tensors = [weights.logits, weights.visits.loss, weights.visits.prediction]
     else:
         f = weights.features
-        tensors = [f.accuracy, f.position, f.domain, f.loss, f.prediction, weights.mean_rows, weights.mean_inputs,
-                   *weights.net.parameters()]
+        tensors = [f.accuracy, f.position, f.domain, f.visits.loss, f.visits.prediction, weights.mean_rows,
+                   weights.mean_inputs, *weights.net.parameters()]
         tensors += [t for state in weights.optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
     return sum(t.numel() * t.element_size() for t in tensors)
 

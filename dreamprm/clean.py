@@ -185,18 +185,17 @@ def audit(rows: list[dict[str, Any]], report: Path, corrupted: set[int]) -> list
         if all(r["domain"] in weights for r in rows) and any(w != 1.0 for w in weights.values()):
             domain_weight = weights
     aucs = ranking_aucs(rows, corrupted, domain_weight)
-    nan = float("nan")
-    out = [("instance weights", nan if aucs["weights"] is None else aucs["weights"], aucs["records"])]
+    def auc(key: str) -> float:  # None (no records, or one class empty) prints as nan
+        return float("nan") if aucs[key] is None else aucs[key]
+
+    out = [("instance weights", auc("weights"), aucs["records"])]
     if aucs["effective"] is not None:
         out.append(("domain x record weights (what the lower loss used)", aucs["effective"], aucs["records"]))
     if aucs["visited"]:
-        out.append(("loss ranking (records visited by an upper step)", nan if aucs["loss"] is None else aucs["loss"],
-                    aucs["visited"]))
+        out.append(("loss ranking (records visited by an upper step)", auc("loss"), aucs["visited"]))
         if aucs["has_gap"]:  # a report with predictions for every visited record
-            out.append(("|MC accuracy - PRM prediction|, the same records",
-                        nan if aucs["gap"] is None else aucs["gap"], aucs["visited"]))
-        out.append(("instance weights, the same records",
-                    nan if aucs["weights_visited"] is None else aucs["weights_visited"], aucs["visited"]))
+            out.append(("|MC accuracy - PRM prediction|, the same records", auc("gap"), aucs["visited"]))
+        out.append(("instance weights, the same records", auc("weights_visited"), aucs["visited"]))
     return out
 
 

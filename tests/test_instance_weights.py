@@ -54,6 +54,26 @@ def test_an_update_moves_only_its_rows_and_repeated_rows_add_up():
     assert float(table.logits[7]) == pytest.approx(1.0 / rms, rel=1e-6)
 
 
+def test_last_visits_keep_the_mean_loss_and_load_older_states_without_its_sums():
+    table = InstanceWeights(200, lr=0.5)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(30):  # revisits: the running sum replaces a row's old loss
+        rows = torch.randint(0, 200, (16,), generator=generator)
+        table.update(rows, torch.randn(16, generator=generator, dtype=torch.float64),
+                     torch.rand(16, generator=generator, dtype=torch.float64), torch.rand(16, generator=generator))
+    visited = ~torch.isnan(table.visits.loss)
+    assert table.visits.mean_loss == pytest.approx(float(table.visits.loss[visited].double().mean()), rel=1e-6)
+    assert int(visited.sum()) == table.visits.loss_count < 200
+    # A checkpoint from before the running sums and the predictions were kept.
+    old = {k: v for k, v in table.state_dict().items() if k not in ("loss_sum", "loss_count", "prediction")}
+    again = InstanceWeights(200, lr=0.5)
+    again.load_state_dict(old)
+    assert torch.equal(again.last_losses().nan_to_num(-1), table.last_losses().nan_to_num(-1))
+    assert again.visits.loss_count == table.visits.loss_count
+    assert again.visits.mean_loss == pytest.approx(table.visits.mean_loss, rel=1e-6)
+    assert torch.isnan(again.last_predictions()).all()
+
+
 def test_logit_gradient_is_the_derivative_of_the_weight_with_the_normaliser_held():
     table = InstanceWeights(5, lr=1.0)
     table.step(torch.arange(5), torch.tensor([0.3, -1.2, 0.8, 0.1, -0.4], dtype=torch.float64))
@@ -76,9 +96,10 @@ def test_instance_weights_scale_each_sample_of_the_lower_loss():
 def test_a_table_of_ten_million_records_fits_in_100_mb():
     table = InstanceWeights(10_000_000, lr=0.3)
     assert table.logits.element_size() * table.logits.numel() == 40_000_000
-    assert table.loss.element_size() * table.loss.numel() == 40_000_000  # the last-visit losses
-    assert table.prediction.element_size() * table.prediction.numel() == 20_000_000  # and predictions (float16)
-    assert set(table.state_dict()) == {"kind", "recipe", "logits", "softplus_sum", "updates", "loss", "prediction"}
+    assert table.visits.loss.element_size() * table.visits.loss.numel() == 40_000_000  # the last-visit losses
+    assert table.visits.prediction.element_size() * table.visits.prediction.numel() == 20_000_000  # and predictions (float16)
+    assert set(table.state_dict()) == {"kind", "recipe", "logits", "softplus_sum", "updates", "loss", "prediction",
+                                      "loss_sum", "loss_count"}
 
 
 def test_instance_weights_refuse_the_exact_estimator(capsys):

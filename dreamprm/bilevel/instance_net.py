@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dreamprm.bilevel.instance_weights import CHUNK, store_row_means
+from dreamprm.bilevel.instance_weights import CHUNK, LastVisits
 
 # M over the whole table up to this size, over a fixed subsample above: its relative error is about
 # (std/mean of the scores) / 128, and its inputs (0.7 MB) are kept, so an update costs the same at any size.
@@ -62,7 +62,7 @@ HIDDEN = 16
 
 
 class RecordFeatures:
-    """The static per-record inputs of the net (from the training file) and the replicated loss cache.
+    """The static per-record inputs of the net (from the training file) and the replicated last visits.
 
     Memory per record: 4 (mc) + 4 (position) + 2 (domain) + 4 (last loss) + 2 (last prediction, float16:
     a report column, not an input) = 16 bytes.
@@ -73,9 +73,7 @@ class RecordFeatures:
         self.position = position.to(torch.float32)
         self.domain = domain.to(torch.int16)
         self.num_domains = num_domains
-        self.loss = torch.full_like(self.accuracy, float("nan"))  # ℓ_i at the last visit; NaN: not visited
-        self.loss_sum, self.loss_count = 0.0, 0  # over visited records (float64 Python numbers)
-        self.prediction = torch.full(self.accuracy.shape, float("nan"), dtype=torch.float16)  # sigmoid(z_i), ditto
+        self.visits = LastVisits(self.accuracy.numel())  # ℓ_i (the `gap` input) and sigmoid(z_i)
 
     def __len__(self) -> int:
         return self.accuracy.numel()
@@ -93,15 +91,8 @@ class RecordFeatures:
                    torch.tensor([domains[r.domain] for r in records]), len(domains))
 
     def record_losses(self, rows: torch.Tensor, losses: torch.Tensor, predictions: torch.Tensor | None = None) -> None:
-        """Store the losses (and predictions) just measured (a row repeated in one update keeps the mean of
-        its values)."""
-        if predictions is not None:
-            store_row_means(self.prediction, rows, predictions)
-        old = store_row_means(self.loss, rows, losses)
-        new = self.loss[torch.unique(rows)]
-        seen = ~torch.isnan(old)
-        self.loss_sum += float(new.double().sum() - old[seen].double().sum())
-        self.loss_count += int((~seen).sum())
+        """Store the losses (and predictions) just measured."""
+        self.visits.record(rows, losses, predictions)
 
     def matrix(self, rows: torch.Tensor, names: tuple[str, ...]) -> torch.Tensor:
         """[rows, F] float32 inputs of the net."""
@@ -119,21 +110,16 @@ class RecordFeatures:
 
     def gap(self, rows: torch.Tensor) -> torch.Tensor:
         """sqrt(ℓ_i) = |MC accuracy - PRM prediction| at the last visit; the visited mean if never visited."""
-        fill = self.loss_sum / self.loss_count if self.loss_count else 0.0
-        return torch.nan_to_num(self.loss[rows], nan=fill).clamp(min=0.0).sqrt()
+        return torch.nan_to_num(self.visits.loss[rows], nan=self.visits.mean_loss).clamp(min=0.0).sqrt()
 
     def width(self, names: tuple[str, ...]) -> int:
         return sum(self.num_domains if name == "domain" else 1 for name in names)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"loss": self.loss.clone(), "loss_sum": torch.tensor(self.loss_sum, dtype=torch.float64),
-                "loss_count": self.loss_count, "prediction": self.prediction.clone()}
+        return self.visits.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.loss = state["loss"].to(torch.float32).clone()
-        if "prediction" in state:  # older checkpoints: predictions unknown until the records' next visit
-            self.prediction = state["prediction"].to(torch.float16).clone()
-        self.loss_sum, self.loss_count = float(state["loss_sum"]), int(state["loss_count"])
+        self.visits.load_state_dict(state)
 
 
 class InstanceNet:
@@ -187,11 +173,11 @@ class InstanceNet:
 
     def last_losses(self) -> torch.Tensor:
         """ℓ_i at each record's last visit by an upper step (NaN: never visited): the loss ranking."""
-        return self.features.loss.clone()
+        return self.features.visits.loss.clone()
 
     def last_predictions(self) -> torch.Tensor:
         """sigmoid(z_i) at each record's last visit (float32; NaN: never visited)."""
-        return self.features.prediction.float()
+        return self.features.visits.prediction.float()
 
     def parameter_gradient(self, rows: torch.Tensor, dloss_dweights: torch.Tensor,
                            dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -228,7 +214,7 @@ class InstanceNet:
         """A float64 value that differs between ranks whenever their nets or loss caches differ."""
         flat = torch.cat([p.detach().reshape(-1).double() for p in self.net.parameters()])
         total = (flat * torch.arange(1, flat.numel() + 1, dtype=torch.float64)).sum() + self.normaliser
-        loss = self.features.loss
+        loss = self.features.visits.loss
         for start in range(0, len(self), CHUNK):
             chunk = torch.nan_to_num(loss[start:start + CHUNK].double(), nan=-1.0)
             total += (chunk * torch.arange(start + 1, start + 1 + chunk.numel(), dtype=torch.float64)).sum()

@@ -46,6 +46,52 @@ def store_row_means(cache: torch.Tensor, rows: torch.Tensor, values: torch.Tenso
     return old
 
 
+class LastVisits:
+    """Each record's lower loss ℓ_i and the PRM's prediction sigmoid(z_i) at its last visit by an upper
+    step (NaN: never visited), and the running mean loss over the visited records. Replicated: every
+    rank stores the same gathered values. The loss ranks records for the report's baseline and feeds
+    the instance net's `gap`; the prediction is a report column only. 6 bytes per record (float32
+    loss, float16 prediction)."""
+
+    def __init__(self, num_records: int):
+        self.loss = torch.full((num_records,), float("nan"), dtype=torch.float32)
+        self.prediction = torch.full((num_records,), float("nan"), dtype=torch.float16)
+        self.loss_sum, self.loss_count = 0.0, 0  # over visited records (float64 Python numbers)
+
+    def record(self, rows: torch.Tensor, losses: torch.Tensor, predictions: torch.Tensor | None = None) -> None:
+        """Store the values just measured (a row repeated in one update keeps the mean of its values)."""
+        rows = rows.cpu().long()
+        if predictions is not None:
+            store_row_means(self.prediction, rows, predictions.cpu())
+        old = store_row_means(self.loss, rows, losses.cpu())
+        new = self.loss[torch.unique(rows)]
+        seen = ~torch.isnan(old)
+        self.loss_sum += float(new.double().sum() - old[seen].double().sum())
+        self.loss_count += int((~seen).sum())
+
+    @property
+    def mean_loss(self) -> float:
+        """Mean ℓ over the visited records (0 before any visit)."""
+        return self.loss_sum / self.loss_count if self.loss_count else 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"loss": self.loss.clone(), "prediction": self.prediction.clone(),
+                "loss_sum": torch.tensor(self.loss_sum, dtype=torch.float64), "loss_count": self.loss_count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Older checkpoints may lack a key: no loss (nothing measured yet), no prediction (unknown until
+        the record's next visit), no running sum (a table's: recomputed from the losses)."""
+        if "loss" in state:
+            self.loss = state["loss"].to(torch.float32).clone()
+        if "prediction" in state:
+            self.prediction = state["prediction"].to(torch.float16).clone()
+        if "loss_sum" in state:
+            self.loss_sum, self.loss_count = float(state["loss_sum"]), int(state["loss_count"])
+        else:
+            seen = ~torch.isnan(self.loss)
+            self.loss_sum, self.loss_count = float(self.loss[seen].double().sum()), int(seen.sum())
+
+
 class InstanceWeights:
     """The replicated table of per-record logits (float32) and its normaliser.
 
@@ -62,12 +108,7 @@ class InstanceWeights:
         self.logits = torch.zeros(num_records, dtype=torch.float32) if recipe == "softplus" else torch.ones(num_records)
         self.softplus_sum = num_records * math.log(2.0)  # Σ softplus(a_j), float64 (a Python float)
         self.updates = 0
-        # ℓ_i at the record's last visit by an upper step (NaN: never), for the loss-ranking baseline of
-        # the report: 4 bytes per record.
-        self.loss = torch.full((num_records,), float("nan"), dtype=torch.float32)
-        # The PRM's predicted accuracy sigmoid(z_i) at the same visit, for the |MC - prediction| baseline:
-        # float16 (2 bytes per record; a report column, never a training input).
-        self.prediction = torch.full((num_records,), float("nan"), dtype=torch.float16)
+        self.visits = LastVisits(num_records)  # for the report's loss and |MC - prediction| baselines
 
     def __len__(self) -> int:
         return self.logits.numel()
@@ -122,18 +163,16 @@ class InstanceWeights:
                predictions: torch.Tensor | None = None) -> dict[str, float]:
         """One upper step from the gathered ∂L_meta/∂u_i (= -c_i d_i), the measured losses ℓ_i and the
         predictions sigmoid(z_i) (None: not measured)."""
-        store_row_means(self.loss, rows.cpu().long(), losses.cpu())
-        if predictions is not None:
-            store_row_means(self.prediction, rows.cpu().long(), predictions.cpu())
+        self.visits.record(rows, losses, predictions)
         return self.step(rows, self.logit_gradient(rows, dloss_dweights))
 
     def last_losses(self) -> torch.Tensor:
         """ℓ_i at each record's last visit by an upper step (NaN: never visited): the loss ranking."""
-        return self.loss.clone()
+        return self.visits.loss.clone()
 
     def last_predictions(self) -> torch.Tensor:
         """sigmoid(z_i) at each record's last visit (float32; NaN: never visited)."""
-        return self.prediction.float()
+        return self.visits.prediction.float()
 
     def incompatibility(self, state: dict[str, Any]) -> str | None:
         """Why a checkpoint's instance state cannot be loaded here, or None."""
@@ -156,16 +195,13 @@ class InstanceWeights:
     def state_dict(self) -> dict[str, Any]:
         return {"kind": "table", "recipe": self.recipe, "logits": self.logits.clone(),
                 "softplus_sum": torch.tensor(self.softplus_sum, dtype=torch.float64), "updates": self.updates,
-                "loss": self.loss.clone(), "prediction": self.prediction.clone()}
+                **self.visits.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         problem = self.incompatibility(state)
         if problem:
             raise ValueError(problem)
         self.logits = state["logits"].to(torch.float32).clone()
-        if "loss" in state:  # older checkpoints: no losses measured yet
-            self.loss = state["loss"].to(torch.float32).clone()
-        if "prediction" in state:  # older checkpoints: predictions unknown until the records' next visit
-            self.prediction = state["prediction"].to(torch.float16).clone()
+        self.visits.load_state_dict(state)
         self.softplus_sum = float(state["softplus_sum"])
         self.updates = int(state["updates"])
