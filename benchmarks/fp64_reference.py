@@ -136,16 +136,18 @@ class Float64Reference:
     loss is the sum over all of them divided by their total count, the meta objective is taken over
     the chains of all of them together, as the trainer does across ranks."""
 
-    def __init__(self, model_dir: str, head: str, seed: int, loss: str = "mse") -> None:
+    def __init__(self, model_dir: str, head: str, seed: int, loss: str = "mse", device: str | torch.device = "cpu") -> None:
         from dreamprm.model.loading import build_prm
-        self.loss = loss  # the lower-level loss: 'mse', or the generative head's 'bce' 
-        # SDPA takes the packed rows' per-token masks; in float64 on CPU it computes in float64.
-        self.model = build_prm(model_dir, head, seed=seed, dtype=torch.float64, attn_implementation="sdpa").eval()
+        self.loss = loss  # the lower-level loss: 'mse', or the generative head's 'bce'
+        self.device = torch.device(device)
+        # SDPA takes the packed rows' per-token masks; in float64 it takes its math path, in float64.
+        self.model = build_prm(model_dir, head, seed=seed, dtype=torch.float64,
+                               attn_implementation="sdpa").to(self.device).eval()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.inputs = set(inspect.signature(type(self.model).forward).parameters) - {"self"}
 
     def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.model(**{k: (v.double() if v.is_floating_point() else v) for k, v in batch.items()
+        return self.model(**{k: (v.double() if v.is_floating_point() else v).to(self.device) for k, v in batch.items()
                              if k in self.inputs})
 
     def _gradients(self, losses: Callable[[], list[torch.Tensor]]) -> list[list[torch.Tensor]]:
@@ -160,19 +162,34 @@ class Float64Reference:
     def meta_gradient(self, meta_batches: list[dict], aggregation: str, objective: str) -> list[torch.Tensor]:
         def loss() -> list[torch.Tensor]:
             z = torch.cat([chain_logits(self.logits(b), b["item_index"], aggregation) for b in meta_batches])
-            labels = torch.cat([b["target"].double() for b in meta_batches])
+            labels = torch.cat([b["target"].double() for b in meta_batches]).to(self.device)
             return [meta_loss(z, labels, objective)]
         return self._gradients(loss)[0]
 
     def domain_gradients(self, train_batches: list[dict], num_domains: int) -> list[list[torch.Tensor]]:
         """∂(S_k/N)/∂θ for every k, N the count over all the batches."""
-        n = sum(b["target"].numel() for b in train_batches)
+        return self._gradients(lambda: self._domain_losses(train_batches, num_domains))
 
-        def losses() -> list[torch.Tensor]:
-            per_batch = [(per_sample_loss(self.logits(b), b["target"].double(), self.loss), b["domain"])
-                         for b in train_batches]
-            return [sum(loss[domain == k].sum() for loss, domain in per_batch) / n for k in range(num_domains)]
-        return self._gradients(losses)
+    def _domain_losses(self, train_batches: list[dict], num_domains: int) -> list[torch.Tensor]:
+        """S_k/N for every k, N the count over all the batches (one forward)."""
+        n = sum(b["target"].numel() for b in train_batches)
+        per_batch = [(per_sample_loss(self.logits(b), b["target"].double().to(self.device), self.loss),
+                      b["domain"].to(self.device)) for b in train_batches]
+        return [sum(loss[domain == k].sum() for loss, domain in per_batch) / n for k in range(num_domains)]
+
+    def domain_directionals(self, train_batches: list[dict], num_domains: int,
+                            vs: list[list[torch.Tensor]]) -> torch.Tensor:
+        """[len(vs), K]: ⟨∂(S_k/N)/∂θ, v⟩ for each v, one domain gradient in memory at a time (a 2B
+        model's K gradients in float64 do not fit beside it on one GPU)."""
+        with keep_float64():
+            values = self._domain_losses(train_batches, num_domains)
+            columns = []
+            for k, value in enumerate(values):
+                grads = torch.autograd.grad(value, self.params, retain_graph=k < len(values) - 1, allow_unused=True)
+                columns.append(torch.stack([sum((g * x).sum() for g, x in zip(grads, v) if g is not None)
+                                            for v in vs]))
+                del grads
+        return torch.stack(columns, dim=1).cpu()
 
     @staticmethod
     def directional(domain_grads: list[list[torch.Tensor]], v: list[torch.Tensor]) -> torch.Tensor:

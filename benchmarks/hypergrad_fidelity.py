@@ -66,13 +66,16 @@ def fixed_batches(train_file: str, meta_file: str, processor, global_batch: int,
 
 
 def reference_values(model_dir: str, head: str, seed: int, full_train, full_meta, num_domains: int,
-                     combos: list[tuple[str, str]], loss: str = "mse") -> dict[tuple[str, str], torch.Tensor]:
+                     combos: list[tuple[str, str]], loss: str = "mse",
+                     device: str | torch.device = "cpu") -> dict[tuple[str, str], torch.Tensor]:
     """d_k in float64 without DeepSpeed (benchmarks/fp64_reference.py) for each (objective, aggregation):
-    the K domain gradients once, one meta-gradient per combination. ``loss``: the lower loss's name."""
-    ref = Float64Reference(model_dir, head, seed, loss)
-    domain_grads = ref.domain_gradients([full_train], num_domains)
-    return {(objective, aggregation): ref.directional(domain_grads, ref.meta_gradient([full_meta], aggregation, objective))
-            for objective, aggregation in combos}
+    one meta-gradient per combination, then each domain's gradient once, dotted with all of them.
+    ``loss``: the lower loss's name; ``device``: where the float64 model runs (a 2B model: the GPU)."""
+    ref = Float64Reference(model_dir, head, seed, loss, device)
+    vs = [ref.meta_gradient([full_meta], aggregation, objective) for objective, aggregation in combos]
+    d = ref.domain_directionals([full_train], num_domains, vs)
+    del ref, vs
+    return {combo: d[i] for i, combo in enumerate(combos)}
 
 
 def loss_name(args: argparse.Namespace) -> str:
@@ -112,7 +115,7 @@ def objective_grid(engine, info, args, model_dir, train, meta, full_train, full_
     if args.reference and info.rank == 0:
         combos = [tuple(name.split("/")) for name in grid]
         refs = reference_values(model_dir, args.head, args.seed, full_train, full_meta, k, combos,
-                                loss_name(args))
+                                loss_name(args), info.device)
         logits = torch.zeros(k, dtype=torch.float64)
         for (objective, aggregation), ref in refs.items():
             entry = grid[f"{objective}/{aggregation}"]
@@ -248,10 +251,13 @@ def main(argv: list[str] | None = None) -> None:
                "packing": args.packing, "meta_loss_name": args.meta_loss, "domains": domains, "v_norm": v_norm,
                "meta_loss": meta_value, "meta_gradient_seconds": t_v, "estimators": results,
                "device": torch.cuda.get_device_name() if info.device.type == "cuda" else "cpu"}
+    if args.out and info.rank == 0:  # the estimators now: a reference that fails (e.g. out of memory) keeps them
+        Path(args.out).write_text(json.dumps(summary, indent=2))
     if args.reference and info.rank == 0:
         t0 = time.perf_counter()
         ref = reference_values(model_dir, args.head, args.seed, full_train, full_meta, k,
-                               [(args.meta_loss, args.aggregation)], loss_name(args))[(args.meta_loss, args.aggregation)]
+                               [(args.meta_loss, args.aggregation)], loss_name(args),
+                               info.device)[(args.meta_loss, args.aggregation)]
         ref_hyper = fp64_reference.hypergradient(ref, weights.logits)
         summary["reference"] = {"directional": ref.tolist(), "hypergradient": ref_hyper.tolist(),
                                 "seconds": time.perf_counter() - t0}

@@ -174,7 +174,7 @@ def tiny_model(tmp_path_factory) -> Path:
 def fidelity_reference(tiny_model) -> dict[tuple[str, str], "torch.Tensor"]:
     """The float64 d_k of benchmarks/hypergrad_fidelity.py's fixed batches (8 training records, 4 meta
     chains, logits head, seed 1) for every (meta objective, aggregation), computed once per session
-    by benchmarks/fp64_reference.py (the K domain gradients once, one meta-gradient per combination)."""
+    by benchmarks/fp64_reference.py (one meta-gradient per combination, each domain gradient once)."""
     from benchmarks.hypergrad_fidelity import fixed_batches, reference_values
     from dreamprm.config import AGGREGATIONS, META_LOSSES
     from dreamprm.model.processor import load_processor

@@ -574,3 +574,15 @@ def test_trust_remote_code_is_off_unless_asked_for():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.keyword) and node.arg == "trust_remote_code":
                 assert not (isinstance(node.value, ast.Constant) and node.value.value is True), path
+
+
+def test_the_backbone_is_loaded_without_hub_kernels(tiny_model):
+    """transformers >= 5.2x swaps layers for kernels fetched from the Hub by default (on an H200:
+    'kernels-community/activation' could not be fetched, the model did not load). A PRM loads as it is."""
+    from transformers import AutoModelForImageTextToText
+
+    from dreamprm.model.loading import build_prm, load_backbone
+    assert load_backbone(tiny_model).use_kernels is False
+    assert not any(getattr(m, "use_kernels", False) for m in build_prm(str(tiny_model), "hidden", seed=0).modules())
+    # the test can fail: transformers' own default here turns them on
+    assert AutoModelForImageTextToText.from_pretrained(str(tiny_model)).use_kernels is True

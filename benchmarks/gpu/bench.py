@@ -225,7 +225,8 @@ def our_trainer(model_dir: Path, data_dir: Path, out: Path, segments: int, batch
            "--weights_path", str(out), "--batch_size", str(batch_size), "--meta_batch_size", "1",
            "--meta_loss", "mse", "--iteration_num", str(steps), "--unroll_steps", "5", "--log_every", "5", "--no-export",
            "--save_every_iterations", str(10 * steps), *extra]
-    env = dict(os.environ, PYTHONPATH=str(REPO), HWLOC_COMPONENTS="-gl")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+               HWLOC_COMPONENTS="-gl")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"trainer failed:\n{proc.stderr[-4000:]}")

@@ -57,8 +57,10 @@ def load_backbone(path: str | Path, dtype: torch.dtype = torch.float32, trust_re
     """A Qwen2-VL / Qwen2.5-VL *ForConditionalGeneration from a local directory."""
     path = resolve_model_dir(path)
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    # use_kernels=False: transformers >= 5.2x otherwise swaps layers for kernels fetched from the Hub on
+    # CUDA (a download, a failure on offline nodes, and other numerics than the ones measured here).
     return AutoModelForImageTextToText.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code,
-                                                       local_files_only=True, **extra)
+                                                       local_files_only=True, use_kernels=False, **extra)
 
 
 def judge_ids_for(path: str | Path, head: str, judge_tokens: str = JUDGE_DEFAULT,
