@@ -70,10 +70,32 @@ def compare(rows: list[dict], a: str, b: str) -> str | None:
             f"worst {min(diffs):+.1f}")
 
 
+def markdown(rows: list[dict], arms: list[str]) -> str:
+    """Every run as a Markdown table: Best-of-8 per arm, each instance arm's AUC (its loss ranking's),
+    the corrupted share of the weighted mix per arm."""
+    detectors = [arm for arm in arms if any(r.get(f"auc_{arm}") is not None for r in rows)]
+    shares = sorted({k for r in rows for k in r.get("corrupted_share", {})})
+    head = (["task", "draw", "seed"] + [f"Bo8 {arm}" for arm in arms] + [f"AUC {arm} (loss)" for arm in detectors]
+            + ([f"corrupted share: {' / '.join(shares)}"] if shares else []))
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 3 + "---:|" * (len(arms) + len(detectors))
+             + ("---|" if shares else "")]
+    for r in rows:
+        cells = [r["task"], str(r["draw"]), str(r["seed"])]
+        cells += [f"{r[f'bo8_{arm}']:.1f}" if f"bo8_{arm}" in r else "-" for arm in arms]
+        cells += [f"{r[f'auc_{arm}']:.3f} ({r[f'auc_loss_{arm}']:.3f})" if r.get(f"auc_{arm}") is not None else "-"
+                  for arm in detectors]
+        if shares:
+            cells.append(" / ".join(f"{r['corrupted_share'][k]:.2f}" if k in r.get("corrupted_share", {}) else "-"
+                                    for k in shares))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folders", nargs="+", type=Path)
     p.add_argument("--json", type=Path, default=None, help="write the rows and the command here")
+    p.add_argument("--markdown", action="store_true", help="also print every run as a Markdown table")
     args = p.parse_args(argv)
     rows = [row for folder in args.folders for row in rows_of(folder)]
     arms = sorted({k[4:] for r in rows for k in r if k.startswith("bo8_")})
@@ -95,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
             over_loss = sum(r[f"auc_{arm}"] > r[f"auc_loss_{arm}"] for r in rows if r.get(f"auc_{arm}") is not None)
             print(f"AUC {arm}: mean {statistics.mean(values):.3f}, >= 0.90 in {sum(v >= 0.9 for v in values)}/"
                   f"{len(values)}, above its loss ranking in {over_loss}/{len(values)}")
+    if args.markdown:
+        print(markdown(rows, arms))
     if args.json:
         args.json.write_text(json.dumps({"command": "python benchmarks/quality/instance_summary.py " +
                                          " ".join(sys.argv[1:]), "runs": rows}, indent=1) + "\n")
