@@ -61,9 +61,9 @@ fidelity() {  # name, time limit, extra flags
   log "fidelity $name: exit $?"; tail -4 "$OUT/fidelity_$name.log"
 }
 
-fidelity bf16_hidden 120 --head hidden
+fidelity bf16_hidden 100 --head hidden
 log "heads"
-timeout 300 python3 benchmarks/gpu/heads.py $HEADS_FLAGS --deepspeed "$WORK/zero3.json" --workdir "$WORK" --segments 2 --out "$OUT/heads.json" \
+timeout 330 python3 benchmarks/gpu/heads.py $HEADS_FLAGS --deepspeed "$WORK/zero3.json" --workdir "$WORK" --segments 1 --out "$OUT/heads.json" \
   > "$OUT/heads.log" 2>&1
 log "heads: exit $?"; tail -4 "$OUT/heads.log"
 if (( SECONDS < BUDGET_S - 90 )); then fidelity bf16_engine_hidden 90 --head hidden --upper_precision engine; fi
