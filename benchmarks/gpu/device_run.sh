@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared run on a lent GPU machine (no registry there; ../shared/device/README.md): the checks
+# One prepared run on a GPU machine that reaches no package registry: the checks
 # that need a GPU, most important first, each under its own time limit, each writing its JSON to $OUT
 # as soon as it ends, so that a run cut short keeps what it measured.
 #   1. the hypergradient at the Qwen2-VL-2B config in bf16, the users' defaults (pairwise, exact with
@@ -8,8 +8,9 @@
 #   2. the scalar and the generative head through the real trainer (benchmarks/gpu/heads.py);
 #   3. (time left) the same check as 1 with the upper passes in bf16 (`--upper_precision engine`);
 #   4. (time left) the generative head's hypergradient as in 1.
-# Run from the repository root, with .whl/ filled by ../shared/device/fetch_wheels.sh (deepspeed,
-# pydantic, and transformers 5.25 with its dependencies, the version this project is tested with):
+# Run from the repository root, with .whl/ holding wheels for that machine's Python (fetched beforehand
+# with `pip download`: a pure-Python deepspeed, pydantic, and transformers 5.25 with its dependencies,
+# the version this project is tested with):
 #   bash benchmarks/gpu/device_run.sh            # BUDGET_S (default 480) bounds the optional stages
 #   NO_INSTALL=1 TINY=1 PATH=.venv/bin:$PATH bash benchmarks/gpu/device_run.sh   # smoke test on CPU
 set -u
