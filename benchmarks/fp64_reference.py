@@ -186,11 +186,15 @@ class Float64Reference:
             columns = []
             for k, value in enumerate(values):
                 grads = torch.autograd.grad(value, self.params, retain_graph=k < len(values) - 1, allow_unused=True)
-                columns.append(torch.stack([sum((g * x).sum() for g, x in zip(grads, v) if g is not None)
-                                            for v in vs]))
+                columns.append(torch.stack([self._dot(grads, v) for v in vs]))
                 del grads
         return torch.stack(columns, dim=1).cpu()
 
     @staticmethod
+    def _dot(grads, v: list[torch.Tensor]) -> torch.Tensor:
+        """⟨grads, v⟩ over all parameters (a parameter without a gradient adds nothing)."""
+        return sum((g * x).sum() for g, x in zip(grads, v) if g is not None)
+
+    @staticmethod
     def directional(domain_grads: list[list[torch.Tensor]], v: list[torch.Tensor]) -> torch.Tensor:
-        return torch.stack([sum((g * x).sum() for g, x in zip(gk, v)) for gk in domain_grads])
+        return torch.stack([Float64Reference._dot(gk, v) for gk in domain_grads])

@@ -18,6 +18,8 @@ import statistics
 import sys
 from pathlib import Path
 
+from instance_scan import best_of_8, gain_summary  # a sibling script: its folder is on sys.path
+
 
 def corrupted_share(weights: list[float], corrupted: list[bool]) -> float:
     return sum(w for w, bad in zip(weights, corrupted) if bad) / sum(weights)
@@ -37,7 +39,7 @@ def rows_of(folder: Path) -> list[dict]:
                 if run["task"] != task or run["seed"] != seed:
                     continue
                 arm = run["arm"]
-                row[f"bo8_{arm}"] = 100 * run["by_n"]["8"]["prm"]
+                row[f"bo8_{arm}"] = best_of_8(run)
                 run_dir = folder / task / "runs" / f"{arm}-s{seed}"
                 domain_weight = json.loads((run_dir / "domain_weights.json").read_text())["weights"]
                 report = run_dir / "instance_weights.jsonl"
@@ -64,10 +66,9 @@ def compare(rows: list[dict], a: str, b: str) -> str | None:
     if not pairs:
         return None
     diffs = [x - y for x, y in pairs]
-    above = sum(d > 0 for d in diffs)
-    ties = sum(d == 0 for d in diffs)
-    return (f"{a} vs {b}: above in {above}/{len(diffs)} (ties {ties}), mean {statistics.mean(diffs):+.1f}, "
-            f"worst {min(diffs):+.1f}")
+    g = gain_summary(diffs)
+    return (f"{a} vs {b}: above in {g['above']}/{g['runs']} (ties {sum(d == 0 for d in diffs)}), mean {g['mean']:+.1f}, "
+            f"worst {g['worst']:+.1f}")
 
 
 def markdown(rows: list[dict], arms: list[str]) -> str:
