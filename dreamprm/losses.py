@@ -72,6 +72,19 @@ def meta_pairs(labels: torch.Tensor, questions: torch.Tensor | None = None) -> t
     return within | (pairs & ~has_partner[:, None] & ~has_partner[None, :])
 
 
+def pair_accuracy(chain_logits: torch.Tensor, labels: torch.Tensor,
+                  questions: torch.Tensor | None = None) -> float | None:
+    """Share of the pairwise objective's (right, wrong) pairs (`meta_pairs`) that the chain logits
+    order right, ties counting half: the meta batch's AUC over those pairs (chance 0.5). Unlike the
+    meta loss it does not depend on the scores' scale, so it tells a PRM that ranks with small
+    margins from one that cannot rank. None for a batch without a right-wrong pair."""
+    pairs = meta_pairs(labels, questions)
+    if not bool(pairs.any()):
+        return None
+    margins = (chain_logits[:, None] - chain_logits[None, :])[pairs]
+    return float(((margins > 0).double() + 0.5 * (margins == 0).double()).mean())
+
+
 def pairwise_meta_loss(chain_logits: torch.Tensor, labels: torch.Tensor,
                        questions: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over (right, wrong) chain pairs (`meta_pairs`) of -log sigmoid(z_right - z_wrong), z the

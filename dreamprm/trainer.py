@@ -471,10 +471,16 @@ class Trainer:
 
     def log_upper(self, result: UpperResult, seconds: float) -> None:
         step = self.state.step
-        values = {"meta/loss": result.meta_loss, "meta/v_norm": result.v_norm, "perf/upper_step_s": seconds,
+        values = {"meta/v_norm": result.v_norm, "perf/upper_step_s": seconds,
                   "hypergrad/norm": float(result.hypergradient.norm())}
+        # A pairwise meta batch without a (right, wrong) pair has loss 0 by definition, not a PRM that
+        # ranks perfectly: such steps leave the curve (and the averages read from it) alone.
+        if result.pair_accuracy is not None or self.config.bilevel.meta_loss != "pairwise":
+            values["meta/loss"] = result.meta_loss
         if result.epsilon is not None:
             values["hypergrad/epsilon"] = result.epsilon
+        if result.pair_accuracy is not None:  # can the PRM rank the meta chains at all (0.5: chance)?
+            values["meta/pair_accuracy"] = result.pair_accuracy
         for name, i in self.domains.items():
             values[f"hypergrad/{name}"] = float(result.hypergradient[i])
         for name, w in self.domain_weights.as_dict().items():

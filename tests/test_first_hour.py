@@ -165,6 +165,37 @@ def test_upper_steps_without_signal_are_warned_about_once_when_they_dominate():
     assert trainer._never_seen.tolist() == [False, True, False]
 
 
+def test_a_meta_batch_without_a_pair_leaves_the_meta_loss_curve_alone():
+    """Its pairwise loss is 0 by definition: logged, it would read as a PRM that ranks perfectly and
+    pull every average of the curve down (the benchmark's 'meta loss end' did, by 5-10%)."""
+    import types
+
+    import torch
+
+    from dreamprm.bilevel.upper import UpperResult
+    from dreamprm.trainer import Trainer, TrainState
+
+    logged: list[dict[str, float]] = []
+    trainer = Trainer.__new__(Trainer)  # log_upper alone: no engine is needed for it
+    trainer.state, trainer.domains = TrainState(), {"clean": 0, "noisy": 1}
+    trainer.logger = types.SimpleNamespace(scalars=lambda step, values: logged.append(values))
+    trainer.domain_weights = types.SimpleNamespace(as_dict=lambda: {"clean": 1.0, "noisy": 1.0}, logits=torch.zeros(2))
+    trainer.meta_optimizer = types.SimpleNamespace(state={})
+
+    def log(objective: str, loss: float, pair_accuracy: float | None) -> dict[str, float]:
+        trainer.config = parse_args(["--meta_loss", objective])
+        trainer.log_upper(UpperResult(loss, torch.zeros(2), torch.zeros(2), 0.0 if pair_accuracy is None else 1.0,
+                                      None, True, pair_accuracy=pair_accuracy), 0.1)
+        return logged[-1]
+
+    without_pair = log("pairwise", 0.0, None)
+    assert "meta/loss" not in without_pair and "meta/pair_accuracy" not in without_pair
+    assert "meta/v_norm" in without_pair and "domain_weight/clean" in without_pair  # the step itself is logged
+    with_pairs = log("pairwise", 0.69, 0.75)
+    assert with_pairs["meta/loss"] == 0.69 and with_pairs["meta/pair_accuracy"] == 0.75
+    assert log("mse", 0.25, None)["meta/loss"] == 0.25  # the original objective needs no pair
+
+
 def test_the_flag_free_run_says_which_recipe_it_trains():
     from dreamprm.cli import recipe_note
     note = recipe_note(parse_args(["--deepspeed", str(REPO / "ds_configs" / "zero3.json")]))

@@ -13,7 +13,7 @@ from conftest import REPO, base_env, launch_command
 from dreamprm.data.datasets import MetaDataset
 from dreamprm.data.records import DataValidationError, load_meta_records
 from dreamprm.data.sampler import DistributedBatchSampler
-from dreamprm.losses import chain_meta_loss, meta_pairs, pairwise_meta_loss
+from dreamprm.losses import chain_meta_loss, meta_pairs, pair_accuracy, pairwise_meta_loss
 
 DEMO = REPO / "data" / "demo"
 
@@ -45,6 +45,19 @@ def test_one_chain_per_question_gives_every_pair_as_before():
     questions = torch.tensor([0, 0, 1, 1, 1])
     pairs = meta_pairs(labels, questions)
     assert pairs.sum() == 1 + 2 and not pairs[0, 3] and not pairs[2, 1]
+
+
+def test_pair_accuracy_counts_the_objectives_pairs_ordered_right_and_ignores_scale():
+    # The pairs of the first test: (0, 1) right, (2, 1) right, (3, 4) right, (3, 5) wrong -> 3/4.
+    z = torch.tensor([0.3, -1.2, 2.0, 0.1, -0.4, 0.7], dtype=torch.float64)
+    labels = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0], dtype=torch.float64)
+    questions = torch.tensor([0, 0, 0, 1, 2, 3])
+    assert pair_accuracy(z, labels, questions) == 0.75
+    assert pair_accuracy(z * 1e-4, labels, questions) == 0.75  # margins far too small to move the loss
+    # Without questions every right-wrong pair counts: 9 pairs, of which (0, 5), (3, 5) are misordered.
+    assert pair_accuracy(z, labels) == pytest.approx(7 / 9)
+    assert pair_accuracy(torch.zeros(6, dtype=torch.float64), labels) == 0.5  # ties count half
+    assert pair_accuracy(z, torch.ones(6, dtype=torch.float64)) is None  # no right-wrong pair
 
 
 def test_meta_records_read_question_ids_and_check_their_type(tmp_path):

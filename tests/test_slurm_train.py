@@ -175,7 +175,7 @@ def test_two_nodes_one_job_trains_both_levels_and_exports(jobs):
     domains = read_json(job.out / "domains.json")
     for d in domains:
         assert scalars.get(f"domain_weight/{d}"), sorted(scalars)
-    assert len(scalars["meta/loss"]) == ITERATIONS // 2  # one upper step per 2 lower steps
+    assert len(scalars["meta/v_norm"]) == ITERATIONS // 2  # one upper step per 2 lower steps
 
     # The exported PRM.
     for f in ("config.json", "model.safetensors", "score_head.safetensors", "tokenizer.json"):

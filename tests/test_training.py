@@ -82,7 +82,7 @@ def test_two_ranks_match_one_rank_on_the_same_global_batches(one_rank, two_ranks
 def test_tensorboard_has_the_lower_and_upper_level_scalars(two_ranks):
     scalars = read_scalars(two_ranks / "tb")
     expected = {"train/loss", "train/weighted_loss", "train/lr", "perf/samples_per_s", "perf/tokens_per_s",
-                "meta/loss", "meta/v_norm", "hypergrad/norm"}
+                "meta/loss", "meta/v_norm", "meta/pair_accuracy", "hypergrad/norm"}
     domains = read_json(two_ranks / "domains.json")
     for name in domains:
         expected |= {f"domain_loss/{name}", f"domain_weight/{name}", f"hypergrad/{name}"}
@@ -90,6 +90,7 @@ def test_tensorboard_has_the_lower_and_upper_level_scalars(two_ranks):
     assert len(scalars["domain_weight/clean"]) == 4  # one upper step per 2-step segment
     assert all(v > 0 for _, v in scalars["perf/tokens_per_s"])
     assert scalars["train/lr"][0][1] == pytest.approx(1e-3)
+    assert all(0.0 <= v <= 1.0 for _, v in scalars["meta/pair_accuracy"])
 
 
 def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(tiny_model, one_rank, tmp_path):

@@ -67,9 +67,12 @@ def analyse(run: Path, last: int, confidence: float) -> dict:
     domains = list(json.loads((run / "domains.json").read_text()))
     scalars = read_scalars(run / "tb")
     hyper = torch.tensor([[v for _, v in scalars[f"hypergrad/{d}"]] for d in domains], dtype=torch.float64).T
-    # A meta batch without a right-wrong pair logs loss 0 and hypergradient 0: no evidence (as in the trainer).
-    logged = [v for _, v in scalars["meta/loss"]]
-    steps = [None if v == 0 and not bool(h.any()) else v for v, h in zip(logged, hyper)]
+    # A meta batch without a right-wrong pair is no evidence (as in the trainer). The trainer logs no
+    # meta loss for it (runs from before 2026-12-04 logged 0 with a zero hypergradient).
+    logged = dict(scalars["meta/loss"])
+    upper_steps = [step for step, _ in scalars[f"hypergrad/{domains[0]}"]]
+    steps = [None if logged.get(step) is None or (logged[step] == 0 and not bool(h.any())) else logged[step]
+             for step, h in zip(upper_steps, hyper)]
     losses = [v for v in steps if v is not None]
     chance = META_LOSS_CHANCE[bilevel["meta_loss"]]
     tail = losses[-last:]

@@ -321,9 +321,10 @@ def collect(args, root: Path) -> dict:
 
 
 def final_meta_loss(run: Path, last: int = 20) -> float:
-    """Mean meta loss of the last `last` upper steps (TensorBoard)."""
+    """Mean meta loss of the last `last` upper steps whose meta batch held a (right, wrong) pair
+    (TensorBoard; runs from before 2026-12-04 logged 0 for the others: left out here too)."""
     from dreamprm.metrics import read_scalars
-    return statistics.fmean(value for _, value in read_scalars(run / "tb")["meta/loss"][-last:])
+    return statistics.fmean([value for _, value in read_scalars(run / "tb")["meta/loss"] if value != 0][-last:])
 
 
 def goals(args, runs: dict) -> list[str]:

@@ -24,7 +24,7 @@ from dreamprm.bilevel.aggregation import aggregate_logits
 from dreamprm.bilevel.instance_net import InstanceNet
 from dreamprm.bilevel.instance_weights import InstanceWeights
 from dreamprm.data.datasets import select_rows
-from dreamprm.losses import chain_meta_loss, domain_loss_sums, per_sample_mse
+from dreamprm.losses import chain_meta_loss, domain_loss_sums, pair_accuracy, per_sample_mse
 from dreamprm.model.prm import model_inputs
 
 LowerLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -39,6 +39,7 @@ class UpperResult:
     epsilon: float | None
     applied: bool  # False when a non-finite value skipped the update
     instance: dict[str, float] | None = None  # --weighting instance/both: the table update's summary
+    pair_accuracy: float | None = None  # share of the meta batch's right-wrong pairs ordered right (0.5: chance)
 
 
 def upper_step(engine: Any, weights: DomainWeights, meta_optimizer: torch.optim.Optimizer,
@@ -53,7 +54,7 @@ def upper_step(engine: Any, weights: DomainWeights, meta_optimizer: torch.optim.
     updated from the same two forwards; `update_domains` False leaves the domain logits alone
     (--weighting instance). `lower_loss`: the per-sample lower-level loss (`dreamprm.losses.lower_loss`)."""
     num_domains = len(weights.names)
-    v, meta_loss_value = meta_gradient(engine, meta_batch, aggregation, objective)
+    v, meta_loss_value, pair_acc = meta_signal(engine, meta_batch, aggregation, objective)
     if geometry == "adam":
         preconditioner = engine.adam_preconditioner()
         if preconditioner is not None:  # None before the PRM's first step: P = I there
@@ -99,12 +100,21 @@ def upper_step(engine: Any, weights: DomainWeights, meta_optimizer: torch.optim.
         if instance_weights is not None and rows is not None:
             instance_summary = instance_weights.update(rows, row_hypergradient, row_losses, row_predictions)
     return UpperResult(meta_loss=meta_loss_value, directional=directional, hypergradient=hyper,
-                       v_norm=v_norm, epsilon=epsilon, applied=applied, instance=instance_summary)
+                       v_norm=v_norm, epsilon=epsilon, applied=applied, instance=instance_summary,
+                       pair_accuracy=pair_acc)
 
 
 def meta_gradient(engine: Any, meta_batch: dict[str, torch.Tensor], aggregation: str, objective: str
                   ) -> tuple[list[torch.Tensor], float]:
-    """v = ∂L_meta/∂θ (this rank's owned elements) and the global meta loss.
+    """v = ∂L_meta/∂θ (this rank's owned elements) and the global meta loss (`meta_signal`)."""
+    v, loss, _ = meta_signal(engine, meta_batch, aggregation, objective)
+    return v, loss
+
+
+def meta_signal(engine: Any, meta_batch: dict[str, torch.Tensor], aggregation: str, objective: str
+                ) -> tuple[list[torch.Tensor], float, float | None]:
+    """v = ∂L_meta/∂θ (this rank's owned elements), the global meta loss, and the share of the
+    global meta batch's right-wrong pairs the chain logits order right (`pair_accuracy`).
 
     The objective is taken over the chains of every rank (a ranking loss pairs chains across
     ranks): the chain logits are all-gathered detached, the loss and its gradient g = ∂L/∂z are
@@ -131,7 +141,7 @@ def meta_gradient(engine: Any, meta_batch: dict[str, torch.Tensor], aggregation:
     v = engine.backward_without_step((local * chain_logits).sum() * engine.info.world_size)
     # Identical on every rank unless one rank's value is not finite: the sum tells all of them.
     total = engine.all_reduce_sum(loss.detach().reshape(1).clone())
-    return v, float(total[0]) / engine.info.world_size
+    return v, float(total[0]) / engine.info.world_size, pair_accuracy(gathered[:, 0], gathered[:, 1], gathered[:, 2])
 
 
 def exact_domain_dots(engine: Any, batch: dict[str, torch.Tensor], v: list[torch.Tensor], num_domains: int,
