@@ -103,8 +103,8 @@ class BilevelConfig:
     meta_beta: float = _f(0.98, "--meta_optimizer gated: averaging factor of the hypergradient's moving averages "
                           "(pools about (1+β)/(1-β) upper steps)")
     meta_evidence: float = _f(0.0, "--meta_optimizer gated: also wait until the averaged meta loss stands this many "
-                              "standard errors below chance (0: off; docs/hypergradient.md, 'Waiting for a meta loss "
-                              "below chance')")
+                              "standard errors below chance (0: off; docs/hypergradient.md, 'Pairs within a question, "
+                              "and a gate at chance')")
     meta_loss: str = _f("pairwise", "upper-level objective: 'pairwise' (right chains scored above wrong ones, "
                         "-log sigmoid(z_right - z_wrong); what Best-of-N needs) or 'mse' (the original's "
                         "(sigmoid(z) - label)^2)", choices=META_LOSSES)
@@ -126,7 +126,8 @@ class BilevelConfig:
                                 "averages: 'segment' (every one of the segment; less noise, one pass each) or "
                                 "'last' (the original's)", choices=("segment", "last"))
     hypergrad_geometry: str = _f("sgd", "inner products of the hypergradient: 'sgd' (<∇L_k, v>, DARTS) or 'adam' "
-                                 "(<P ∇L_k, v>, P the PRM optimiser's preconditioner 1/(sqrt(v̂)+eps))",
+                                 "(<P ∇L_k, v>, P the PRM optimiser's preconditioner 1/(sqrt(v̂)+δ), "
+                                 "δ 1% of the mean sqrt(v̂))",
                                  choices=("sgd", "adam"))
     weighting: str = _f("domain", "what the upper level weights: 'domain' (one weight per domain, DreamPRM), "
                         "'instance' (one per training record, DreamPRM-1.5; a report of the records it learned to "

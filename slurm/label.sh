@@ -13,7 +13,7 @@
 #SBATCH --signal=USR1@120
 #
 # dreamprm-label as a Slurm job array: array task i labels shard i of n (n = the array's size), one
-# shard per GPU by default. Each shard appends to OUT/shard-i-of-n.jsonl and resumes where it
+# shard per GPU by default. Each shard appends to OUT/shard-IIIII-of-NNNNN.jsonl and resumes where it
 # stopped (docs/labeling.md), so a requeued task repeats no question.
 #
 # Submit from the repository root (logs/ must exist before the job starts):
