@@ -99,7 +99,7 @@ def goals(rows: list[dict]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("folder", type=Path)
-    p.add_argument("--working", type=int, nargs="+", required=True, help="draws looked at while working")
+    p.add_argument("--working", type=int, nargs="*", default=[], help="draws looked at while working")
     p.add_argument("--held_back", type=int, nargs="*", default=[], help="draws kept back until the end")
     p.add_argument("--task", default="noise", choices=("noise", "label_mean", "real"))
     p.add_argument("--arms", nargs="+", default=list(ARMS), help="the DreamPRM arms to tabulate against vanilla")
