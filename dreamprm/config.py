@@ -127,7 +127,7 @@ class BilevelConfig:
                                 "'last' (the original's)", choices=("segment", "last"))
     hypergrad_geometry: str = _f("sgd", "inner products of the hypergradient: 'sgd' (<∇L_k, v>, DARTS) or 'adam' "
                                  "(<P ∇L_k, v>, P the PRM optimiser's preconditioner 1/(sqrt(v̂)+δ), "
-                                 "δ 1% of the mean sqrt(v̂))",
+                                 "δ = mean sqrt(v̂) / 100)",
                                  choices=("sgd", "adam"))
     weighting: str = _f("domain", "what the upper level weights: 'domain' (one weight per domain, DreamPRM), "
                         "'instance' (one per training record, DreamPRM-1.5; a report of the records it learned to "

@@ -81,6 +81,34 @@ class RunSummary:
     lowest_records: list[dict[str, Any]] | None = None  # instance_weights.jsonl's first lines
     export: str | None = None  # the export folder, None without --export
     export_step: int | None = None
+    meta: MetaTrace | None = None  # the meta objective over this process's upper steps (None: --baseline)
+
+
+META_WINDOW = 20  # upper steps averaged at each end of the run for summary.md
+
+
+class MetaTrace:
+    """The meta loss and pair accuracy of the first and last META_WINDOW upper steps whose meta batch
+    could be scored (a pairwise batch without a right-wrong pair is left out): whether the PRM learned
+    to rank the meta set, beside the weights it moved."""
+
+    def __init__(self, objective: str, chance: float):
+        self.objective, self.chance = objective, chance
+        self.first: list[tuple[float, float | None]] = []
+        self.last: list[tuple[float, float | None]] = []
+
+    def add(self, loss: float, pair_accuracy: float | None) -> None:
+        if len(self.first) < META_WINDOW:
+            self.first.append((loss, pair_accuracy))
+        self.last = (self.last + [(loss, pair_accuracy)])[-META_WINDOW:]
+
+    def rows(self) -> list[tuple[str, float, float | None]]:
+        """(which upper steps, mean meta loss, mean pair accuracy or None)."""
+        def mean(values: list[float | None]) -> float | None:
+            known = [v for v in values if v is not None]
+            return sum(known) / len(known) if known else None
+        return [(f"{name} {len(part)}", mean([l for l, _ in part]), mean([a for _, a in part]))
+                for name, part in (("first", self.first), ("last", self.last)) if part]
 
 
 def write_run_summary(folder: str | Path, s: RunSummary) -> tuple[str, Path]:
@@ -106,6 +134,13 @@ def write_run_summary(folder: str | Path, s: RunSummary) -> tuple[str, Path]:
     lines += ["", "## Domain weights", "", "| domain | weight |", "|---|---|"]
     lines += [f"| {name} | {w:.4f} |" for name, w in sorted(s.weights.items(), key=lambda kv: kv[1], reverse=True)]
     lines += ["", "![domain weights](domain_weights.png)"]
+    if s.meta is not None and s.meta.first:
+        lines += ["", f"## Meta objective ({s.meta.objective}; a PRM that scores every chain alike: {s.meta.chance:.3f})", "",
+                  "| upper steps | meta loss | pair accuracy (0.5: chance) |", "|---|---|---|"]
+        lines += [f"| {name} | {loss:.3f} | {'' if acc is None else f'{acc:.3f}'} |" for name, loss, acc in s.meta.rows()]
+        lines += ["", "The weights are only as good as the meta objective's ranking: on the quality benchmark every run "
+                  "whose weights ended misordered had a meta loss near chance at the end "
+                  "(benchmarks/quality/RESULTS_scan.md)."]
     if s.lowest_records:
         lines += ["", "## Lowest-weighted training records", "", "(all of them, lowest first: instance_weights.jsonl)",
                   "", "| weight | domain | record | id | step |", "|---|---|---|---|---|"]

@@ -29,14 +29,15 @@ from dreamprm.data.stream import StreamPosition
 from dreamprm.distributed.collectives import gather_object
 from dreamprm.distributed.engine import DistInfo
 from dreamprm.evaluation import Evaluator, describe, is_better, load_eval_questions, within_share
-from dreamprm.losses import lower_loss, weighted_training_loss
+from dreamprm.losses import META_LOSS_CHANCE, lower_loss, weighted_training_loss
 from dreamprm.metrics import MetricsLogger, MetricWindow
 from dreamprm.model.loading import check_backbone, export_prm, resolve_model_dir
 from dreamprm.model.prm import model_inputs
 from dreamprm.model.processor import load_processor
 from dreamprm.preemption import EXIT_PREEMPTED, StopRequest
 from dreamprm.preflight import Records, load_records
-from dreamprm.summary import RunSummary, write_domain_weight_summary, write_instance_weight_report, write_run_summary
+from dreamprm.summary import (MetaTrace, RunSummary, write_domain_weight_summary, write_instance_weight_report,
+                              write_run_summary)
 from dreamprm.trackers import open_trackers, require_extras
 
 
@@ -143,6 +144,8 @@ class Trainer:
         self._logged_step = self.state.step
         self._never_seen: torch.Tensor | None = None  # domains whose d_k was 0 in every upper step so far
         self._no_signal = 0  # upper steps whose directional derivatives were all exactly 0
+        b = config.bilevel
+        self.meta_trace = None if b.baseline else MetaTrace(b.meta_loss, META_LOSS_CHANCE[b.meta_loss])
         self._warned_no_signal = False
 
     # ------------------------------------------------------------------ resume
@@ -477,6 +480,8 @@ class Trainer:
         # ranks perfectly: such steps leave the curve (and the averages read from it) alone.
         if result.pair_accuracy is not None or self.config.bilevel.meta_loss != "pairwise":
             values["meta/loss"] = result.meta_loss
+            if self.meta_trace is not None:
+                self.meta_trace.add(result.meta_loss, result.pair_accuracy)
         if result.epsilon is not None:
             values["hypergrad/epsilon"] = result.epsilon
         if result.pair_accuracy is not None:  # can the PRM rank the meta chains at all (0.5: chance)?
@@ -623,5 +628,5 @@ class Trainer:
             steps=last_step, seconds=seconds, samples_per_s=(self.state.samples - self._started_samples) / seconds,
             weights=weights, eval_seconds=self.eval_seconds, final_eval=self.last_eval, best=self.checkpointer.best,
             lowest_records=lowest, export=str(self.output / "export") if export_step is not None else None,
-            export_step=export_step))
+            export_step=export_step, meta=self.meta_trace))
         self.logger.info(text + f"(written to {path})")

@@ -183,6 +183,24 @@ def test_summary_names_the_numbers(tmp_path):
                    "| 0.2000 | inverted | train.json:record 7 | c1 | 2 |", f"{tmp_path / 'export'} (the PRM of step 20)"):
         assert needle in text, needle
     assert text.index("| clean |") < text.index("| inverted |")  # high to low
+    assert "Meta objective" not in text  # a vanilla run (--baseline) has none
+
+
+def test_summary_shows_the_meta_objective_at_both_ends_of_the_run(tmp_path):
+    from dreamprm.summary import META_WINDOW, MetaTrace
+    trace = MetaTrace("pairwise", 0.6931)
+    for i in range(3 * META_WINDOW):  # the loss falls by 0.005 per upper step, accuracy climbs to 1
+        trace.add(0.69 - 0.005 * i, min(1.0, 0.5 + 0.01 * i))
+    trace.add(0.2, None)  # a score without a pair accuracy (e.g. --meta_loss mse) counts for the loss only
+    text, _ = write_run_summary(tmp_path, RunSummary(steps=10, seconds=1.0, samples_per_s=1.0,
+                                                     weights={"clean": 1.0}, meta=trace))
+    first_loss = sum(0.69 - 0.005 * i for i in range(META_WINDOW)) / META_WINDOW
+    last = range(2 * META_WINDOW + 1, 3 * META_WINDOW)
+    last_loss = (sum(0.69 - 0.005 * i for i in last) + 0.2) / META_WINDOW
+    last_accuracy = sum(min(1.0, 0.5 + 0.01 * i) for i in last) / (META_WINDOW - 1)
+    assert "## Meta objective (pairwise; a PRM that scores every chain alike: 0.693)" in text
+    assert f"| first {META_WINDOW} | {first_loss:.3f} | 0.595 |" in text
+    assert f"| last {META_WINDOW} | {last_loss:.3f} | {last_accuracy:.3f} |" in text
 
 
 # ---------------------------------------------------------------- a real run

@@ -181,6 +181,8 @@ def test_a_meta_batch_without_a_pair_leaves_the_meta_loss_curve_alone():
     trainer.logger = types.SimpleNamespace(scalars=lambda step, values: logged.append(values))
     trainer.domain_weights = types.SimpleNamespace(as_dict=lambda: {"clean": 1.0, "noisy": 1.0}, logits=torch.zeros(2))
     trainer.meta_optimizer = types.SimpleNamespace(state={})
+    from dreamprm.summary import MetaTrace
+    trainer.meta_trace = MetaTrace("pairwise", 0.6931)  # what summary.md's meta section averages
 
     def log(objective: str, loss: float, pair_accuracy: float | None) -> dict[str, float]:
         trainer.config = parse_args(["--meta_loss", objective])
@@ -194,6 +196,7 @@ def test_a_meta_batch_without_a_pair_leaves_the_meta_loss_curve_alone():
     with_pairs = log("pairwise", 0.69, 0.75)
     assert with_pairs["meta/loss"] == 0.69 and with_pairs["meta/pair_accuracy"] == 0.75
     assert log("mse", 0.25, None)["meta/loss"] == 0.25  # the original objective needs no pair
+    assert trainer.meta_trace.first == [(0.69, 0.75), (0.25, None)]
 
 
 def test_the_flag_free_run_says_which_recipe_it_trains():
