@@ -138,9 +138,9 @@ def write_run_summary(folder: str | Path, s: RunSummary) -> tuple[str, Path]:
         lines += ["", f"## Meta objective ({s.meta.objective}; a PRM that scores every chain alike: {s.meta.chance:.3f})", "",
                   "| upper steps | meta loss | pair accuracy (0.5: chance) |", "|---|---|---|"]
         lines += [f"| {name} | {loss:.3f} | {'' if acc is None else f'{acc:.3f}'} |" for name, loss, acc in s.meta.rows()]
-        lines += ["", "The weights are only as good as the meta objective's ranking: on the quality benchmark every run "
-                  "whose weights ended misordered had a meta loss near chance at the end "
-                  "(benchmarks/quality/RESULTS_scan.md)."]
+        lines += ["", "The weights are only as good as the meta objective's ranking: on 24 new runs of the quality "
+                  "benchmark every run of the defaults whose weights ended misordered had a pairwise meta loss of "
+                  "0.62-0.69 at the end (benchmarks/quality/RESULTS_scan.md)."]
     if s.lowest_records:
         lines += ["", "## Lowest-weighted training records", "", "(all of them, lowest first: instance_weights.jsonl)",
                   "", "| weight | domain | record | id | step |", "|---|---|---|---|---|"]
